@@ -1,0 +1,5 @@
+import sys
+
+from jwbackup.cli import main
+
+sys.exit(main())

@@ -1,0 +1,34 @@
+"""Shared fixtures: run the installed ``jwbackup`` command as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+JWBACKUP = Path(sys.executable).with_name("jwbackup")
+
+
+@pytest.fixture
+def jwbackup(tmp_path):
+    """Run the installed ``jwbackup`` console script; returns the CompletedProcess.
+
+    The log goes to a file in the test's temporary directory, never to
+    /var/log, and stdout stays bytes (file names are bytes).
+    """
+
+    def run(*args, input=None, env=None, timeout=300, log_file=None):
+        argv = [str(JWBACKUP), "-l", str(log_file or tmp_path / "jwbackup.log"), *map(os.fsdecode, args)]
+        return subprocess.run(
+            argv,
+            input=input,
+            capture_output=True,
+            env={**os.environ, **(env or {})},
+            timeout=timeout,
+        )
+
+    return run
