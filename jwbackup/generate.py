@@ -1,0 +1,85 @@
+"""The pre-backup generator: ``jwbackup files`` and ``jwbackup excludes``.
+
+Both answer "what does this system hold that its package manager cannot
+reinstall?", for other tools: a file list for rsync, restic or tar, or exclude
+rules for borg (through borgmatic), rsync, restic or tar.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from jwbackup import managers
+from jwbackup.config import Config
+from jwbackup.errors import EX_OK
+from jwbackup.excludes import owned_unmodified, write_atomically, write_rules
+from jwbackup.managers import Manifest
+from jwbackup.select import Selector, system_path
+
+logger = logging.getLogger(__name__)
+
+
+def load_manifest(cfg: Config, root: str) -> Manifest:
+    started = time.monotonic()
+    manager = managers.detect(root, cfg.manager)
+    manifest = manager.manifest(root)
+    for warning in manifest.warnings:
+        logger.warning("%s", warning)
+    logger.info(
+        "%s manifest: %d paths in %.2f s", manager.name, len(manifest), time.monotonic() - started
+    )
+    return manifest
+
+
+def make_selector(cfg: Config, root: str, manifest: Manifest) -> Selector:
+    """A selector over ``root`` that skips the prune list and a local destination."""
+    prune = [os.fsencode(p) for p in cfg.prune]
+    dest = cfg.destination
+    if dest is not None and not dest.remote:
+        inside = system_path(os.fsencode(os.path.realpath(root)), os.fsencode(os.path.realpath(dest.directory)))
+        if inside is not None:
+            prune.append(inside)
+    return Selector(manifest, root=root, prune=prune)
+
+
+def files(cfg: Config, root: str, null: bool = False, no_dirs: bool = False) -> int:
+    manifest = load_manifest(cfg, root)
+    selector = make_selector(cfg, root, manifest)
+    prefix = os.fsencode(root).rstrip(b"/")
+    sep = b"\0" if null else b"\n"
+    out = sys.stdout.buffer
+    paths = selector.select(cfg.roots, directories=not no_dirs)
+    skipped = 0
+    for path in paths:
+        if not null and b"\n" in path:
+            skipped += 1
+            continue
+        out.write(prefix + path + sep)
+    out.flush()
+    if skipped:
+        logger.warning("%d paths hold a newline and were left out; use -0", skipped)
+    return EX_OK
+
+
+def excludes(cfg: Config, root: str, fmt: str, output: str | None = None, null: bool = False) -> int:
+    manifest = load_manifest(cfg, root)
+    paths = owned_unmodified(manifest, os.fsencode(root))
+
+    def fill(out):
+        return write_rules(paths, fmt, out, root=os.fsencode(root), null=null)
+
+    if output:
+        written = write_atomically(output, fill)
+    else:
+        written = fill(sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    logger.info("%d %s exclude rules written%s", written.rules, fmt, f" to {output}" if output else "")
+    if written.unexpressible:
+        logger.warning(
+            "%d installed files have names that %s rules cannot express; they are not excluded (they will be backed up)",
+            written.unexpressible, fmt,
+        )
+    return EX_OK

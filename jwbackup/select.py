@@ -1,0 +1,199 @@
+"""Walking the roots and choosing what to back up.
+
+The walk yields every path a backup must hold: whatever the package manager
+did not install, plus installed files that were changed since.  A directory is
+yielded when it is not owned, or when it must exist to hold something yielded
+below it (then just before its first yielded child), so that a consumer such as
+``rsync --files-from`` recreates it with its own attributes.
+
+Paths are bytes and absolute as seen from inside the system (``b"/etc/fstab"``);
+``root`` is where that system is mounted (``/`` normally).  Symlinks are never
+followed.  The walk is iterative: directory depth is bounded by PATH_MAX, not by
+Python's recursion limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from jwbackup.managers import DIR, FILE, SYMLINK, Manifest
+from jwbackup.verify import Verifier
+
+logger = logging.getLogger(__name__)
+
+NO_BACKUP = b".no-backup"
+CACHEDIR_TAG = b"CACHEDIR.TAG"
+CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+
+
+@dataclass
+class Stats:
+    directories: int = 0  # directories walked
+    entries: int = 0  # non-directories met
+    selected: int = 0  # paths yielded, directories included
+    owned: int = 0  # installed and unmodified: left out
+    modified: int = 0  # installed but changed: kept
+    skipped: list[tuple[bytes, str]] = field(default_factory=list)  # (path, why)
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    return parent + name if parent == b"/" else parent + b"/" + name
+
+
+def system_path(root: bytes, real_path: bytes) -> bytes | None:
+    """``real_path`` as seen from inside the system at ``root``, or None if outside."""
+    root = root.rstrip(b"/")
+    if not root:
+        return real_path
+    if real_path == root:
+        return b"/"
+    if real_path.startswith(root + b"/"):
+        return real_path[len(root) :]
+    return None
+
+
+def _kind_matches(kind: str | None, entry: os.DirEntry) -> bool:
+    if kind is None:
+        return True
+    if kind == FILE:
+        return entry.is_file(follow_symlinks=False)
+    if kind == SYMLINK:
+        return entry.is_symlink()
+    if kind == DIR:
+        return False  # a directory would have been walked, not judged here
+    return not (entry.is_file(follow_symlinks=False) or entry.is_symlink())
+
+
+def _cachedir_tagged(real_dir: bytes) -> bool:
+    try:
+        with open(real_dir + b"/" + CACHEDIR_TAG, "rb") as f:
+            return f.read(len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE
+    except OSError:
+        return False
+
+
+class Selector:
+    """Chooses the paths to back up under ``root``, against a package manifest."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        root: str | bytes = "/",
+        prune: Iterable[str | bytes] = (),
+        verifier: Verifier | None = None,
+    ):
+        self.entries = manifest.entries
+        self.prefix = os.fsencode(root).rstrip(b"/")
+        self.prune = {os.fsencode(p) for p in prune}
+        self.verifier = verifier or Verifier()
+        self.stats = Stats()
+
+    def select(self, roots: Iterable[str | bytes], directories: bool = True) -> Iterator[bytes]:
+        """Every path under ``roots`` that the backup must hold; no duplicates.
+
+        With ``directories=False`` only empty directories are yielded, for
+        tools that back up everything below a directory they are given.
+        """
+        seen: set[bytes] = set()
+        for top in sorted({os.fsencode(r) for r in roots}):
+            if any(top == s or top.startswith(join(s, b"")) for s in seen):
+                continue  # nested inside a root already walked
+            seen.add(top)
+            yield from self._walk(top, directories)
+
+    # The walk keeps two stacks: the directories being listed, and the owned
+    # directories entered but not yet yielded (``pending``).  Yielding anything
+    # first yields the pending directories, outermost first.
+    def _walk(self, top: bytes, directories: bool) -> Iterator[bytes]:
+        prefix = self.prefix
+        entries = self.entries
+        stats = self.stats
+        changed = self.verifier.changed
+
+        try:
+            st = os.lstat(prefix + top)
+        except OSError as exc:
+            logger.warning("root %s cannot be read: %s", os.fsdecode(top), exc.strerror)
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            logger.warning("root %s is not a directory; skipped", os.fsdecode(top))
+            return
+        listing = self._enter(top)
+        if listing is None:
+            return
+        pending: list[bytes] = []
+        if self._owned_dir(top):
+            if directories:
+                pending.append(top)
+        elif directories or not listing:
+            stats.selected += 1
+            yield top
+        stack = [(top, iter(listing))]
+
+        while stack:
+            parent, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                if pending and pending[-1] == parent:
+                    pending.pop()
+                continue
+            path = join(parent, child.name)
+            if child.is_dir(follow_symlinks=False):
+                listing = self._enter(path)
+                if listing is None:
+                    continue
+                stack.append((path, iter(listing)))
+                if self._owned_dir(path):
+                    if directories:
+                        pending.append(path)
+                    continue
+                if not directories and listing:
+                    continue
+            else:
+                stats.entries += 1
+                entry = entries.get(path)
+                if entry is not None and _kind_matches(entry.kind, child):
+                    if not changed(prefix + path, entry):
+                        stats.owned += 1
+                        continue
+                    stats.modified += 1
+            if pending:
+                stats.selected += len(pending)
+                yield from pending
+                pending.clear()
+            stats.selected += 1
+            yield path
+
+    def _owned_dir(self, path: bytes) -> bool:
+        entry = self.entries.get(path)
+        return entry is not None and entry.kind in (None, DIR)
+
+    def _enter(self, path: bytes) -> list[os.DirEntry] | None:
+        """The listing of directory ``path``, or None when it is not to be walked."""
+        real = self.prefix + path
+        if path in self.prune:
+            self.stats.skipped.append((path, "pruned"))
+            return None
+        try:
+            with os.scandir(real) as it:
+                listing = list(it)
+        except FileNotFoundError:
+            return None  # vanished on a live system
+        except OSError as exc:
+            logger.warning("cannot list %s: %s", os.fsdecode(path), exc.strerror)
+            self.stats.skipped.append((path, exc.strerror or "unreadable"))
+            return None
+        self.stats.directories += 1
+        for e in listing:
+            if e.name == NO_BACKUP:
+                self.stats.skipped.append((path, NO_BACKUP.decode()))
+                return None
+            if e.name == CACHEDIR_TAG and _cachedir_tagged(real):
+                self.stats.skipped.append((path, CACHEDIR_TAG.decode()))
+                return None
+        return listing
