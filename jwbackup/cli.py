@@ -1,2 +1,184 @@
-def main(argv=None):
-    return 0
+"""The ``jwbackup`` command: arguments, logging, and errors turned into exit codes.
+
+Exit codes (also in jwbackup(8)):
+
+  0   success
+  1   the backup was written, with warnings (files that could not be read)
+  2   the run failed; earlier generations are untouched
+  64  usage error
+  65  a package database that cannot be read safely
+  70  internal error (a bug: please report it with the -L DEBUG output)
+  74  rsync failed; the in-progress generation is kept for the next run
+  75  temporary failure: another run holds the lock, or the destination is unreachable
+  78  configuration error
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import sys
+
+from jwbackup import __version__, config, errors
+from jwbackup.excludes import FORMATS as EXCLUDE_FORMATS
+
+logger = logging.getLogger("jwbackup")
+
+DEFAULT_LOG_FILE = "/var/log/jwbackup.log"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(errors.EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Options accepted before and after the subcommand.
+
+    After a subcommand their default is SUPPRESS, so that ``jwbackup -c F files``
+    keeps the ``-c`` given before it.
+    """
+
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "-c", "--config", metavar="FILE", default=default(config.DEFAULT_PATH),
+        help=f"configuration file (default: {config.DEFAULT_PATH})",
+    )
+    parser.add_argument(
+        "-L", "--log-level", metavar="LEVEL", type=str.upper, choices=LOG_LEVELS,
+        default=default("INFO"), help="DEBUG, INFO, WARNING or ERROR (default: INFO)",
+    )
+    parser.add_argument(
+        "-l", "--log-file", metavar="FILE", default=default(DEFAULT_LOG_FILE),
+        help=f"log file (default: {DEFAULT_LOG_FILE}); '-' for none",
+    )
+    parser.add_argument(
+        "--root", metavar="DIR", default=default("/"),
+        help="the system to back up lives under DIR (a chroot, a mounted disk); default: /",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="jwbackup",
+        description="Daily differential backup that leaves out what the package manager can reinstall. "
+        "Without a command, run the backup.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"jwbackup {__version__}")
+    _common_options(parser, suppress=False)
+    parser.add_argument("-n", "--dry-run", action="store_true", help="show what a backup would copy and remove; write nothing")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def command(name, help):
+        sub = commands.add_parser(name, help=help, description=help)
+        _common_options(sub, suppress=True)
+        return sub
+
+    backup = command("backup", "run the backup (the default command)")
+    backup.add_argument("-n", "--dry-run", action="store_true", default=argparse.SUPPRESS,
+                        help="show what would be copied and removed; write nothing")
+
+    command("init", "create the destination directory (mode 0700)")
+
+    listing = command("list", "list the generations, newest first")
+    listing.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+
+    prune = command("prune", "remove expired generations (retention) without backing up")
+    prune.add_argument("-n", "--dry-run", action="store_true", default=argparse.SUPPRESS,
+                       help="show what would be removed; remove nothing")
+
+    files = command("files", "print the paths a backup holds (unowned and modified files)")
+    files.add_argument("-0", "--null", action="store_true", help="end each path with NUL, not newline")
+    files.add_argument(
+        "--no-dirs", action="store_true",
+        help="leave out directories that hold anything (for tools that recurse into listed directories, like restic)",
+    )
+
+    excludes = command("excludes", "print exclude rules for the installed, unmodified files")
+    excludes.add_argument("--format", "-f", choices=sorted(EXCLUDE_FORMATS), default="plain", help="rule syntax (default: plain)")
+    excludes.add_argument("-o", "--output", metavar="FILE", help="write to FILE atomically instead of stdout")
+    excludes.add_argument("-0", "--null", action="store_true", help="end each rule with NUL (rsync --from0, tar --null, plain)")
+
+    cfg = command("config", "configuration commands")
+    cfg_commands = cfg.add_subparsers(dest="config_command", metavar="ACTION", parser_class=Parser, required=True)
+    check = cfg_commands.add_parser("check", help="validate the configuration and print the effective values")
+    _common_options(check, suppress=True)
+    return parser
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty() or "JOURNAL_STREAM" in os.environ
+
+
+def setup_logging(level: str, log_file: str) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter("jwbackup: %(message)s"))
+    root.addHandler(stderr)
+    if log_file == "-":
+        stderr.setLevel(level)
+        return
+    stderr.setLevel(level if _interactive() else logging.WARNING)
+    try:
+        handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8", errors="backslashreplace")
+    except OSError as exc:
+        logger.warning("cannot write the log file %s (%s); logging to stderr only", log_file, exc.strerror)
+        stderr.setLevel(level)
+        return
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_file)
+    try:
+        return run(args)
+    except errors.JwbackupError as exc:
+        logger.debug("error details", exc_info=True)
+        logger.error("error: %s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        logger.error("error: interrupted")
+        return 130
+    except BrokenPipeError:
+        # The reader went away (jwbackup files | head): not our failure.
+        sys.stderr.close()
+        return errors.EX_OK
+    except Exception as exc:  # a bug: one line, the traceback only with -L DEBUG
+        logger.debug("internal error", exc_info=True)
+        logger.error("internal error: %s: %s (run with -L DEBUG for the traceback)", type(exc).__name__, exc)
+        return errors.EX_SOFTWARE
+
+
+def run(args: argparse.Namespace) -> int:
+    from jwbackup import backup, generate, maintenance
+
+    cfg = config.load(args.config)
+    if args.command in (None, "backup"):
+        return backup.run(cfg, args.root, dry_run=args.dry_run).status
+    if args.command == "init":
+        return maintenance.init(cfg)
+    if args.command == "list":
+        return maintenance.list_generations(cfg, as_json=args.json)
+    if args.command == "prune":
+        return maintenance.prune(cfg, dry_run=args.dry_run)
+    if args.command == "files":
+        return generate.files(cfg, args.root, null=args.null, no_dirs=args.no_dirs)
+    if args.command == "excludes":
+        return generate.excludes(cfg, args.root, fmt=args.format, output=args.output, null=args.null)
+    if args.command == "config":
+        sys.stdout.write(config.dump(cfg))
+        return errors.EX_OK
+    raise errors.UsageError(f"unknown command {args.command!r}")
+

@@ -1,0 +1,150 @@
+"""One backup run, end to end.
+
+lock → manifest → destination check → selection streamed into rsync
+(``--link-dest`` the newest complete generation) → rename ``.partial`` to
+its name → ``latest`` → retention.  Nothing becomes visible before rsync has
+finished; a failure leaves the ``.partial`` for the next run to link against
+and every complete generation as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from jwbackup import generations, rsync, transport
+from jwbackup.config import Config
+from jwbackup.errors import EX_OK, EX_WARNINGS, ConfigError, JwbackupError, TransferError
+from jwbackup.execute import last_meaningful_line
+from jwbackup.generate import load_manifest, make_selector
+from jwbackup.generations import PARTIAL_SUFFIX
+from jwbackup.lock import Lock
+from jwbackup.repository import Repository
+
+logger = logging.getLogger(__name__)
+
+MAX_PARTIAL_LINK_DESTS = 5
+
+
+@dataclass
+class Outcome:
+    name: str | None
+    status: int
+    removed: list[str]
+
+
+def destination_of(cfg: Config):
+    if cfg.destination is None:
+        raise ConfigError(f"{cfg.path}: no destination section: jwbackup does not know where to write")
+    return cfg.destination
+
+
+def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | None = None) -> Outcome:
+    dest = destination_of(cfg)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    started = time.monotonic()
+    with Lock(cfg.lock_file):
+        manifest = load_manifest(cfg, root)
+        selector = make_selector(cfg, root, manifest)
+        with transport.connect(dest) as t:
+            repo = Repository(t, dest.directory)
+            repo.check()
+            listing = repo.listing()
+            if not dry_run:
+                repo.finish_removals(listing)
+            latest = generations.latest_complete(listing)
+            taken = listing.complete + listing.partial + listing.other
+            name = generations.unique_name(datetime.now(), taken)
+            partial = name + PARTIAL_SUFFIX
+            # Earlier interrupted runs are linked against too: what they copied
+            # is not copied again.  They are removed once this run commits.
+            link_dests = ([repo.path(latest)] if latest else []) + [
+                repo.path(p) for p in listing.partial[:MAX_PARTIAL_LINK_DESTS]
+            ]
+            argv = rsync.make_command(
+                root, t.rsync_target(repo.path(partial)), link_dests,
+                transport_args=t.rsync_args(), dry_run=dry_run, progress=progress,
+            )
+            logger.info("backing up %s to %s", ", ".join(cfg.roots), _where(t, repo.path(partial)))
+            result = rsync.transfer(
+                argv, selector.select(cfg.roots), env=t.env(), progress=progress,
+                secrets=[dest.password] if dest.password else [],
+            )
+            if result.walk_error is not None:
+                if isinstance(result.walk_error, JwbackupError):
+                    raise result.walk_error
+                raise JwbackupError(f"walking the roots failed: {result.walk_error}") from result.walk_error
+            if not result.committable:
+                raise _transfer_error(t, result, partial)
+            for line in result.errors:
+                logger.warning("rsync: %s", line)
+            if dry_run:
+                sys.stdout.buffer.write(result.output)
+                plan = generations.plan_retention(listing.complete, dest.generations, dest.keep)
+                for old in plan.remove:
+                    logger.info("dry run: retention would remove %s", old)
+                return Outcome(None, EX_OK, plan.remove)
+
+            repo.rename(partial, name)
+            repo.set_latest(name)
+            elapsed = time.monotonic() - started
+            repo.write_stats(name, {
+                "files": result.stats.files,
+                "size": result.stats.total_size,
+                "copied": result.stats.transferred,
+                "copied_size": result.stats.transferred_size,
+                "seconds": round(elapsed, 1),
+            })
+            for old in listing.partial:
+                repo.remove(old)
+            plan = generations.plan_retention((name,) + listing.complete, dest.generations, dest.keep)
+            for old in plan.remove:
+                logger.info("removing expired generation %s", old)
+                repo.remove(old)
+
+    status = EX_WARNINGS if result.returncode == rsync.PARTIAL else EX_OK
+    _summary(name, result, selector.stats, plan.remove, time.monotonic() - started, status)
+    return Outcome(name, status, plan.remove)
+
+
+def _where(t, path: str) -> str:
+    return path if t.where == "local" else f"{t.where}:{path}"
+
+
+def _transfer_error(t, result: rsync.Result, partial: str) -> JwbackupError:
+    stderr = "\n".join(result.errors).encode()
+    connection = t.connection_error(stderr) if result.returncode in (12, 255) else None
+    if connection is not None:
+        return connection
+    line = last_meaningful_line(stderr) or f"rsync exited with status {result.returncode}"
+    if not line.startswith("rsync"):
+        line = "rsync: " + line
+    return TransferError(f"{line} (exit {result.returncode}); {partial} is kept for the next run, earlier generations are untouched")
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _summary(name, result, walk, removed, elapsed, status) -> None:
+    s = result.stats
+    lines = [
+        f"generation {name} {'completed with warnings' if status else 'complete'} in {elapsed:.1f} s",
+        f"  entries:   {s.files:,} ({s.regular_files:,} files, {human_size(s.total_size)})",
+        f"  copied:    {s.transferred:,} files, {human_size(s.transferred_size)}",
+        f"  linked:    {s.linked:,} unchanged files shared with the previous generation",
+        f"  left out:  {walk.owned:,} installed files; {walk.modified:,} modified package files kept",
+    ]
+    if walk.skipped:
+        lines.append(f"  skipped:   {len(walk.skipped)} directories (prune list, .no-backup, CACHEDIR.TAG)")
+    if removed:
+        lines.append(f"  expired:   {', '.join(removed)}")
+    logger.info("\n".join(lines))

@@ -1,0 +1,82 @@
+"""Commands that look after the destination without backing up: init, list, prune."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from jwbackup import generations, transport
+from jwbackup.backup import destination_of, human_size
+from jwbackup.config import Config
+from jwbackup.errors import EX_OK
+from jwbackup.lock import Lock
+from jwbackup.repository import Repository
+
+logger = logging.getLogger(__name__)
+
+
+def _open(cfg: Config):
+    dest = destination_of(cfg)
+    t = transport.connect(dest)
+    return dest, t, Repository(t, dest.directory)
+
+
+def init(cfg: Config) -> int:
+    dest, t, repo = _open(cfg)
+    with t:
+        created = repo.init()
+        repo.check()
+    logger.info("%s destination directory %s", "created" if created else "found", dest.directory)
+    return EX_OK
+
+
+def list_generations(cfg: Config, as_json: bool = False) -> int:
+    dest, t, repo = _open(cfg)
+    with t:
+        repo.check()
+        listing = repo.listing()
+        stats = repo.read_stats()
+    rows = [
+        {
+            "name": name,
+            "date": generations.parse(name).isoformat(sep=" "),
+            "files": stats.get(name, {}).get("files"),
+            "size": stats.get(name, {}).get("size"),
+        }
+        for name in listing.complete
+    ]
+    if as_json:
+        json.dump({"destination": dest.directory, "generations": rows, "partial": list(listing.partial)},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EX_OK
+    print(f"{'GENERATION':<20}  {'FILES':>10}  {'SIZE':>10}")
+    for row in rows:
+        files = f"{row['files']:,}" if row["files"] is not None else "?"
+        size = human_size(row["size"]) if row["size"] is not None else "?"
+        print(f"{row['name']:<20}  {files:>10}  {size:>10}")
+    for name in listing.partial:
+        print(f"{name}  (interrupted; linked against by the next run, then removed)")
+    return EX_OK
+
+
+def prune(cfg: Config, dry_run: bool = False) -> int:
+    dest, t, repo = _open(cfg)
+    with Lock(cfg.lock_file), t:
+        repo.check()
+        listing = repo.listing()
+        plan = generations.plan_retention(listing.complete, dest.generations, dest.keep)
+        for name, reasons in plan.keep:
+            logger.info("keeping %s (%s)", name, ", ".join(reasons))
+        for name in plan.remove:
+            if dry_run:
+                logger.info("would remove %s", name)
+                print(f"would remove {name}")
+            else:
+                logger.info("removing expired generation %s", name)
+                repo.remove(name)
+        if not dry_run:
+            repo.finish_removals(listing)
+    return EX_OK
+

@@ -1,0 +1,223 @@
+"""Running rsync: the command line, the file list it is fed, what it reports.
+
+``make_command`` is pure; ``transfer`` runs the command, streams the
+selection into ``--files-from=-`` as the walk produces it (no temporary list
+of every path), and returns rsync's exit status, statistics and error lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from jwbackup import execute
+
+logger = logging.getLogger(__name__)
+
+# Exit codes that still commit the generation (rsync(1), EXIT VALUES).
+VANISHED = 24  # files vanished between the walk and the transfer: normal on a live system
+PARTIAL = 23  # some files could not be transferred (unreadable, xattrs unsupported ...)
+MAX_LINK_DESTS = 20  # rsync's own limit
+MAX_ERROR_LINES = 1000
+
+
+@dataclass
+class Stats:
+    files: int = 0  # entries in the generation (files, directories, links ...)
+    regular_files: int = 0
+    transferred: int = 0  # regular files copied, not hard-linked
+    total_size: int = 0  # bytes of all regular files
+    transferred_size: int = 0  # bytes of the copied ones
+    bytes_sent: int = 0
+
+    @property
+    def linked(self) -> int:
+        return self.regular_files - self.transferred
+
+
+@dataclass
+class Result:
+    returncode: int
+    stats: Stats
+    errors: list[str] = field(default_factory=list)  # rsync's own error lines
+    walk_error: BaseException | None = None
+    output: bytes = b""  # rsync's stdout (the itemized list of a dry run)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode in (0, VANISHED) and self.walk_error is None
+
+    @property
+    def committable(self) -> bool:
+        return self.returncode in (0, VANISHED, PARTIAL) and self.walk_error is None
+
+
+def make_command(
+    source: str,
+    target: str,
+    link_dests: Sequence[str] = (),
+    *,
+    transport_args: Sequence[str] = (),
+    dry_run: bool = False,
+    progress: bool = False,
+) -> list[str]:
+    """The rsync command that copies the files listed on stdin from ``source`` to ``target``.
+
+    ``source`` and ``target`` are directories; trailing slashes are added.
+    """
+    argv = ["rsync", "-aHAX", "--numeric-ids", "--files-from=-", "--from0", "--stats"]
+    argv += list(transport_args)
+    argv += [f"--link-dest={d}" for d in link_dests[:MAX_LINK_DESTS]]
+    if dry_run:
+        argv += ["--dry-run", "--itemize-changes"]
+    if progress:
+        argv += ["--info=progress2"]
+    argv += [source.rstrip("/") + "/", target.rstrip("/") + "/"]
+    return argv
+
+
+_STATS = {
+    "Number of files": "files",
+    "Number of regular files transferred": "transferred",
+    "Total file size": "total_size",
+    "Total transferred file size": "transferred_size",
+    "Total bytes sent": "bytes_sent",
+}
+_NUMBER = re.compile(rb"([\d,.]+)")
+_REGULAR = re.compile(rb"reg: ([\d,.]+)")
+
+
+def _number(text: bytes) -> int:
+    return int(re.sub(rb"[,.]", b"", text))
+
+
+def parse_stats(output: bytes) -> Stats:
+    """The figures of rsync's ``--stats`` block (run with LC_ALL=C)."""
+    stats = Stats()
+    for line in output.splitlines():
+        key, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        name = _STATS.get(key.strip().decode("ascii", "replace"))
+        match = _NUMBER.search(value)
+        if name is None or match is None:
+            continue
+        setattr(stats, name, _number(match.group(1)))
+        if name == "files":
+            regular = _REGULAR.search(value)
+            stats.regular_files = _number(regular.group(1)) if regular else 0
+    return stats
+
+
+class _Feeder(threading.Thread):
+    """Writes the selection into rsync's stdin, NUL-separated, in large writes."""
+
+    def __init__(self, paths: Iterable[bytes], stdin):
+        super().__init__(name="jwbackup-walk", daemon=True)
+        self.paths = paths
+        self.stdin = stdin
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        buf: list[bytes] = []
+        size = 0
+        try:
+            for path in self.paths:
+                buf.append(path)
+                size += len(path) + 1
+                self.count += 1
+                if size >= 1 << 16:
+                    self.stdin.write(b"\0".join(buf) + b"\0")
+                    buf.clear()
+                    size = 0
+            if buf:
+                self.stdin.write(b"\0".join(buf) + b"\0")
+        except BrokenPipeError:
+            pass  # rsync stopped reading: its exit status tells why
+        except BaseException as exc:  # the walk failed: the selection is incomplete
+            self.error = exc
+        finally:
+            try:
+                self.stdin.close()
+            except BrokenPipeError:
+                pass
+
+
+class _Collector(threading.Thread):
+    """Keeps rsync's stderr lines (bounded) and logs them at DEBUG."""
+
+    def __init__(self, stream):
+        super().__init__(name="jwbackup-rsync-stderr", daemon=True)
+        self.stream = stream
+        self.lines: list[str] = []
+        self.dropped = 0
+
+    def run(self) -> None:
+        for raw in self.stream:
+            line = raw.decode("utf-8", "backslashreplace").rstrip("\n")
+            logger.debug("rsync: %s", line)
+            if len(self.lines) < MAX_ERROR_LINES:
+                self.lines.append(line)
+            else:
+                self.dropped += 1
+
+
+def transfer(
+    argv: Sequence[str],
+    paths: Iterable[bytes],
+    *,
+    env: Mapping[str, str] | None = None,
+    progress: bool = False,
+    secrets: Sequence[str] = (),
+) -> Result:
+    proc = execute.popen(
+        argv,
+        env={**(env or {}), "LC_ALL": "C"},
+        secrets=secrets,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    feeder = _Feeder(paths, proc.stdin)
+    collector = _Collector(proc.stderr)
+    feeder.start()
+    collector.start()
+    output = _read_output(proc.stdout, feeder, progress)
+    returncode = proc.wait()
+    feeder.join()
+    collector.join()
+    if collector.dropped:
+        collector.lines.append(f"... and {collector.dropped} more lines")
+    logger.debug("rsync exited %d after %d paths", returncode, feeder.count)
+    return Result(returncode, parse_stats(output), collector.lines, feeder.error, output)
+
+
+def _read_output(stream, feeder: _Feeder, progress: bool) -> bytes:
+    """rsync's stdout; on a terminal, its progress lines are shown as they come."""
+    if not progress:
+        return stream.read()
+    kept = []
+    rest = b""
+    last = 0.0
+    for chunk in iter(lambda: stream.read1(1 << 16), b""):
+        *pieces, rest = re.split(rb"[\r\n]", rest + chunk)
+        for piece in pieces:
+            if b"xfr#" in piece or b"to-chk" in piece:
+                now = time.monotonic()
+                if now - last > 0.2:
+                    sys.stderr.write(f"\r\033[K{feeder.count} paths walked  {piece.strip().decode(errors='replace')}")
+                    sys.stderr.flush()
+                    last = now
+            else:
+                kept.append(piece)
+    kept.append(rest)
+    sys.stderr.write("\r\033[K")
+    sys.stderr.flush()
+    return b"\n".join(kept)
