@@ -32,3 +32,15 @@ def jwbackup(tmp_path):
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real sshd on 127.0.0.1 (see ``tests/sshd.py``); tests that stop it restart it."""
+    from sshd import SshServer
+
+    server = SshServer(tmp_path_factory.mktemp("sshd")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
