@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from jwbackup import generations, rsync, transport
+from jwbackup import generations, hooks, rsync, transport
 from jwbackup.config import Config
 from jwbackup.errors import EX_OK, EX_WARNINGS, ConfigError, JwbackupError, TransferError
-from jwbackup.execute import last_meaningful_line
+from jwbackup.execute import first_cause
 from jwbackup.generate import load_manifest, make_selector
 from jwbackup.generations import PARTIAL_SUFFIX
 from jwbackup.lock import Lock
@@ -47,7 +47,8 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
     if progress is None:
         progress = sys.stderr.isatty()
     started = time.monotonic()
-    with Lock(cfg.lock_file):
+    # hooks: before on entering, on_error on an exception, after once committed
+    with Lock(cfg.lock_file), hooks.Runner(cfg.hooks, hooks.describe(dest), enabled=not dry_run) as hook_run:
         manifest = load_manifest(cfg, root)
         selector = make_selector(cfg, root, manifest)
         with transport.connect(dest) as t:
@@ -60,6 +61,7 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
             taken = listing.complete + listing.partial + listing.other
             name = generations.unique_name(datetime.now(), taken)
             partial = name + PARTIAL_SUFFIX
+            hook_run.generation = name
             # Earlier interrupted runs are linked against too: what they copied
             # is not copied again.  They are removed once this run commits.
             link_dests = ([repo.path(latest)] if latest else []) + [
@@ -106,8 +108,9 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
                 logger.info("removing expired generation %s", old)
                 repo.remove(old)
 
-    status = EX_WARNINGS if result.returncode == rsync.PARTIAL else EX_OK
-    _summary(name, result, selector.stats, plan.remove, time.monotonic() - started, status)
+        status = EX_WARNINGS if result.returncode == rsync.PARTIAL else EX_OK
+        _summary(name, result, selector.stats, plan.remove, time.monotonic() - started, status)
+        status = hook_run.after(name, status)
     return Outcome(name, status, plan.remove)
 
 
@@ -120,7 +123,7 @@ def _transfer_error(t, result: rsync.Result, partial: str) -> JwbackupError:
     connection = t.connection_error(stderr) if result.returncode in (12, 255) else None
     if connection is not None:
         return connection
-    line = last_meaningful_line(stderr) or f"rsync exited with status {result.returncode}"
+    line = first_cause(stderr) or f"rsync exited with status {result.returncode}"
     if not line.startswith("rsync"):
         line = "rsync: " + line
     return TransferError(f"{line} (exit {result.returncode}); {partial} is kept for the next run, earlier generations are untouched")

@@ -52,12 +52,28 @@ def program(argv: Sequence[Arg]) -> str:
     return os.path.basename(os.fsdecode(argv[0])) if argv else "?"
 
 
-def last_meaningful_line(stderr: bytes) -> str | None:
-    """The last stderr line that says something, preferring lines that are not boilerplate."""
+# Lines that report the consequence of an earlier failure, not its cause.
+_CONSEQUENCES = re.compile(r"Broken pipe|connection unexpectedly closed|error in rsync protocol data stream")
+
+
+def _lines(stderr: bytes) -> tuple[list[str], list[str]]:
     lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines()]
     lines = [line for line in lines if line]
-    useful = [line for line in lines if not any(p.search(line) for p in _NOISE)]
+    return lines, [line for line in lines if not any(p.search(line) for p in _NOISE)]
+
+
+def last_meaningful_line(stderr: bytes) -> str | None:
+    """The last stderr line that says something, preferring lines that are not boilerplate."""
+    lines, useful = _lines(stderr)
     return (useful or lines or [None])[-1]
+
+
+def first_cause(stderr: bytes) -> str | None:
+    """The first stderr line naming a cause: when the receiving side fails
+    (disk full), the sending side's "Broken pipe" that follows is no reason."""
+    lines, useful = _lines(stderr)
+    causes = [line for line in useful if not _CONSEQUENCES.search(line)]
+    return (causes or useful or lines or [None])[0]
 
 
 def failure_message(argv: Sequence[Arg], returncode: int, stderr: bytes, where: str | None = None) -> str:

@@ -1,0 +1,338 @@
+"""End to end: the installed ``jwbackup`` command backs up a fake Debian root
+(``--root``) with real rsync to a local directory or over a real sshd."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from backupenv import INSTALLED, System, tree_state
+from conftest import JWBACKUP
+
+HOSTILE_NAMES = [b"with space", b"new\nline", b"-leading-dash", b"latin1-\xe9t\xe9", b"tab\there", b"back\\slash*?["]
+
+
+@pytest.fixture
+def system(tmp_path):
+    return System(tmp_path)
+
+
+def backup(jwbackup, system, *args, ok=True):
+    result = jwbackup("-c", system.config, "--root", system.root_dir, *args)
+    if ok:
+        assert result.returncode == 0, result.stderr.decode()
+    return result
+
+
+def test_second_generation_links_unchanged_files_and_copies_changed_ones(jwbackup, system):
+    system.configure()
+    backup(jwbackup, system)
+    system.write(b"/home/alice/notes.txt", b"remember the milk and the eggs\n")
+    system.write(b"/home/alice/new.txt", b"new\n")
+    backup(jwbackup, system)
+    first, second = system.generations()
+
+    def ino(gen, path):
+        return os.lstat(system.in_generation(gen, path)).st_ino
+
+    # every kept file is in the second generation
+    for path in [b"/etc/hostname", b"/root/.profile", b"/var/lib/app/state.db", b"/usr/local/bin/script", b"/home/alice/new.txt"]:
+        assert os.path.isfile(system.in_generation(second, path)), path
+    # unchanged: the same inode; changed: a new one with the new content
+    assert ino(first, b"/var/lib/app/state.db") == ino(second, b"/var/lib/app/state.db")
+    assert ino(first, b"/etc/hostname") == ino(second, b"/etc/hostname")
+    assert ino(first, b"/home/alice/notes.txt") != ino(second, b"/home/alice/notes.txt")
+    with open(system.in_generation(second, b"/home/alice/notes.txt"), "rb") as f:
+        assert f.read() == b"remember the milk and the eggs\n"
+    with open(system.in_generation(first, b"/home/alice/notes.txt"), "rb") as f:
+        assert f.read() == b"remember the milk\n"
+    # installed files are in neither; the dpkg database is (it is /var/lib state)
+    for gen in (first, second):
+        for path in INSTALLED:
+            assert not os.path.lexists(system.in_generation(gen, path)), path
+        assert os.path.isfile(system.in_generation(gen, b"/var/lib/dpkg/status"))
+    assert os.readlink(system.dest / "latest") == second
+
+
+def test_modified_conffile_is_backed_up(jwbackup, system):
+    system.configure()
+    system.write(b"/etc/tool.conf", b"setting = 2\n")
+    backup(jwbackup, system)
+    (gen,) = system.generations()
+    with open(system.in_generation(gen, b"/etc/tool.conf"), "rb") as f:
+        assert f.read() == b"setting = 2\n"
+
+
+def test_metadata_survives(jwbackup, system):
+    system.configure()
+    data = system.write(b"/srv/data/file", b"payload\n")
+    os.chown(data, 1234, 5678)
+    os.chmod(data, 0o640)
+    os.utime(data, ns=(1_500_000_000_123_456_789, 1_500_000_000_123_456_789))
+    os.symlink(b"file", system.path(b"/srv/data/link"))
+    os.link(data, system.path(b"/srv/data/hardlink"))
+    subprocess.run(["setfacl", "-m", "u:4321:r", data], check=True)
+    subprocess.run(["setfattr", "-n", "user.jwbackup", "-v", "kept", data], check=True)
+    backup(jwbackup, system)
+    (gen,) = system.generations()
+    copy = system.in_generation(gen, b"/srv/data/file")
+    st = os.lstat(copy)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 5678, 0o640)
+    assert st.st_mtime_ns == 1_500_000_000_123_456_789
+    assert os.readlink(system.in_generation(gen, b"/srv/data/link")) == b"file"
+    assert os.lstat(system.in_generation(gen, b"/srv/data/hardlink")).st_ino == st.st_ino
+    acl = subprocess.run(["getfacl", "-cp", copy], capture_output=True, check=True).stdout
+    assert b"user:4321:r--" in acl
+    assert os.getxattr(copy, "user.jwbackup") == b"kept"
+
+
+def test_hostile_names_are_backed_up(jwbackup, system):
+    system.configure()
+    for name in HOSTILE_NAMES:
+        system.write(b"/home/alice/" + name, name)
+    backup(jwbackup, system)
+    (gen,) = system.generations()
+    for name in HOSTILE_NAMES:
+        with open(system.in_generation(gen, b"/home/alice/" + name), "rb") as f:
+            assert f.read() == name
+
+
+def test_retention_keeps_the_newest_and_touches_nothing_else(jwbackup, system, tmp_path):
+    system.configure(destination="  generations: 3\n")
+    (system.dest / "notes").mkdir()
+    (system.dest / "notes" / "keep.txt").write_text("mine")
+    os.symlink(tmp_path / "outside", system.dest / "2000-01-01-00:00:00")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "precious").write_text("do not delete")
+    names = []
+    for _ in range(5):
+        backup(jwbackup, system)
+        names = system.generations()
+    assert len(names) == 3
+    assert (system.dest / "notes" / "keep.txt").read_text() == "mine"
+    assert os.path.islink(system.dest / "2000-01-01-00:00:00")
+    assert (tmp_path / "outside" / "precious").read_text() == "do not delete"
+    assert os.readlink(system.dest / "latest") == names[-1]
+    listing = jwbackup("-c", system.config, "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    shown = [g["name"] for g in json.loads(listing.stdout)["generations"]]
+    assert shown == sorted(names, reverse=True)
+
+
+def test_prune_dry_run_removes_nothing(jwbackup, system):
+    system.configure(destination="  generations: 5\n")
+    for _ in range(3):
+        backup(jwbackup, system)
+    system.configure(destination="  generations: 1\n")
+    before = system.generations()
+    result = jwbackup("-c", system.config, "prune", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert system.generations() == before
+    assert result.stdout.decode().count("would remove") == 2
+    assert jwbackup("-c", system.config, "prune").returncode == 0
+    assert system.generations() == before[-1:]
+
+
+def test_destination_inside_the_root_is_not_copied_into_itself(jwbackup, system):
+    inner = system.path(b"/var/backups/jwbackup")
+    os.makedirs(inner, mode=0o700)
+    system.configure(directory=os.fsdecode(inner))
+    backup(jwbackup, system)
+    backup(jwbackup, system)
+    gens = sorted(e for e in os.listdir(inner) if e[:1].isdigit())
+    assert len(gens) == 2
+    for gen in gens:
+        assert os.path.isdir(os.path.join(inner, gen, b"var/backups"))
+        assert not os.path.exists(os.path.join(inner, gen, b"var/backups/jwbackup"))
+
+
+def test_missing_destination_is_one_clear_line_and_init_creates_it(jwbackup, system, tmp_path):
+    missing = tmp_path / "not-there"
+    system.configure(directory=str(missing))
+    result = backup(jwbackup, system, ok=False)
+    assert result.returncode == 75
+    assert result.stderr.decode().strip().splitlines() == [
+        f"jwbackup: error: destination directory {missing} does not exist or is not a directory (create it, or run 'jwbackup init')"
+    ]
+    assert jwbackup("-c", system.config, "init").returncode == 0
+    assert os.stat(missing).st_mode & 0o777 == 0o700
+    backup(jwbackup, system)
+
+
+def test_full_disk_fails_cleanly_and_keeps_earlier_generations(jwbackup, system, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], check=True)
+    try:
+        system.configure(directory=str(mnt))
+        backup(jwbackup, system)
+        (first,) = [e for e in os.listdir(mnt) if e[:1].isdigit()]
+        before = tree_state(mnt / first)
+        system.write(b"/home/alice/big", os.urandom(2 << 20))
+        result = backup(jwbackup, system, ok=False)
+        assert result.returncode == 74
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and "No space left on device" in lines[0], lines
+        assert tree_state(mnt / first) == before
+        assert os.readlink(mnt / "latest") == first
+        assert [e for e in os.listdir(mnt) if e[:1].isdigit() and not e.endswith(".partial")] == [first]
+    finally:
+        subprocess.run(["umount", "-l", mnt], check=False)
+
+
+def test_second_concurrent_run_exits_with_the_lock_message(jwbackup, system):
+    from lock_holder import held_lock
+
+    system.configure()
+    with held_lock(system.tmp / "lock" / "jwbackup.lock"):
+        result = backup(jwbackup, system, ok=False)
+    assert result.returncode == 75
+    assert "another jwbackup run" in result.stderr.decode() and "holds the lock" in result.stderr.decode()
+    assert system.generations() == []
+    backup(jwbackup, system)
+
+
+# --- over ssh, to a real sshd on 127.0.0.1 -------------------------------------
+
+
+def ssh_destination(sshd, **overrides) -> str:
+    fields = {"host": "127.0.0.1", "port": sshd.port, "user": sshd.user, "key": sshd.key, "known_hosts": sshd.known_hosts}
+    fields.update(overrides)
+    return "".join(f"  {k}: {v}\n" for k, v in fields.items() if v is not None)
+
+
+def test_ssh_destination_two_generations_share_unchanged_files(jwbackup, system, sshd):
+    system.configure(destination=ssh_destination(sshd))
+    backup(jwbackup, system)
+    system.write(b"/home/alice/notes.txt", b"changed\n")
+    backup(jwbackup, system)
+    first, second = system.generations()
+    same = [b"/etc/hostname", b"/var/lib/app/state.db", b"/root/.profile"]
+    for path in same:
+        assert os.lstat(system.in_generation(first, path)).st_ino == os.lstat(system.in_generation(second, path)).st_ino
+    assert os.lstat(system.in_generation(first, b"/home/alice/notes.txt")).st_ino != os.lstat(
+        system.in_generation(second, b"/home/alice/notes.txt")).st_ino
+    for path in INSTALLED:
+        assert not os.path.lexists(system.in_generation(second, path))
+    assert os.readlink(system.dest / "latest") == second
+    listed = jwbackup("-c", system.config, "list")
+    assert listed.returncode == 0 and first in listed.stdout.decode() and second in listed.stdout.decode()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"port": "PORT+1"}, "connection refused"),
+        ({"key": "OTHER_KEY"}, "permission denied"),
+        ({"known_hosts": "EMPTY"}, "host key verification failed"),
+    ],
+)
+def test_ssh_failures_are_one_clear_line(jwbackup, system, sshd, tmp_path, overrides, message):
+    from sshd import free_port, keygen
+
+    system.configure(destination=ssh_destination(sshd))
+    backup(jwbackup, system)
+    (first,) = system.generations()
+    before = tree_state(system.dest)
+    values = {
+        "PORT+1": free_port(),
+        "OTHER_KEY": str(keygen(tmp_path / "stranger_key")),
+        "EMPTY": str(tmp_path / "empty_known_hosts"),
+    }
+    system.configure(destination=ssh_destination(sshd, **{k: values[v] for k, v in overrides.items()}))
+    result = backup(jwbackup, system, ok=False)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 75
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("jwbackup: error: "), lines
+    assert tree_state(system.dest) == before
+
+
+def test_unwritable_remote_directory_is_one_clear_line(jwbackup, system, sshd, tmp_path):
+    """A login user without write permission on the destination (root bypasses modes,
+    so the directory is made immutable instead)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    system.configure(directory=str(locked), destination=ssh_destination(sshd))
+    subprocess.run(["chattr", "+i", locked], check=True)
+    try:
+        result = backup(jwbackup, system, ok=False)
+    finally:
+        subprocess.run(["chattr", "-i", locked], check=True)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, lines
+    assert "not writable" in lines[0] or "Operation not permitted" in lines[0], lines
+    assert os.listdir(locked) == []
+
+
+# --- interrupted runs -------------------------------------------------------------
+
+
+def _rsync_pids(marker: bytes) -> list[int]:
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) == b"rsync" and any(marker in a for a in argv):
+            pids.append(int(pid))
+    return pids
+
+
+def test_killed_rsync_leaves_partial_and_next_run_reuses_it(jwbackup, system, tmp_path):
+    system.configure()
+    backup(jwbackup, system)
+    (first,) = system.generations()
+    before = tree_state(system.dest / first)
+    # rsync sends a directory's files in name order: the small ones first, then
+    # the big one, during whose copy rsync is killed.
+    for i in range(20):
+        system.write(b"/srv/new/a%02d" % i, b"small %d\n" % i)
+    with open(system.path(b"/srv/new/zz-big"), "wb") as f:
+        f.truncate(0)
+        for _ in range(64):
+            f.write(b"\1" * (8 << 20))
+    marker = os.fsencode(system.dest)
+    proc = subprocess.Popen(
+        [JWBACKUP, "-l", tmp_path / "log", "-c", system.config, "--root", system.root_dir], stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    killed = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        partials = system.partials()
+        new = system.dest / partials[0] / "srv" / "new" if partials else None
+        if new and new.is_dir():
+            if any(n.startswith(".zz-big.") for n in os.listdir(new)):
+                for pid in _rsync_pids(marker):
+                    os.kill(pid, signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.002)
+    _, err = proc.communicate(timeout=60)
+    assert killed, "rsync finished before it could be killed"
+    assert proc.returncode == 74, err
+    assert len(err.decode().strip().splitlines()) == 1, err
+    (partial,) = system.partials()
+    assert system.generations() == [first]
+    assert os.readlink(system.dest / "latest") == first
+    assert tree_state(system.dest / first) == before
+    copied = {i: os.lstat(system.dest / partial / "srv" / "new" / ("a%02d" % i)).st_ino for i in range(20)}
+
+    backup(jwbackup, system)
+    gens = system.generations()
+    assert len(gens) == 2 and gens[0] == first
+    second = gens[1]
+    assert system.partials() == []
+    assert tree_state(system.dest / first) == before
+    for i, ino in copied.items():
+        assert os.lstat(system.dest / second / "srv" / "new" / ("a%02d" % i)).st_ino == ino
+    assert os.path.getsize(system.dest / second / "srv" / "new" / "zz-big") == 512 << 20
+    assert not [n for n in os.listdir(system.dest / second / "srv" / "new") if n.startswith(".")]
