@@ -1,0 +1,83 @@
+"""The command line as a user meets it: help, version, errors, logging."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+
+from conftest import JWBACKUP
+
+import jwbackup
+
+
+def run(*args, env=None):
+    return subprocess.run([str(JWBACKUP), *map(os.fsdecode, args)], capture_output=True, env={**os.environ, **(env or {})})
+
+
+def test_version():
+    result = run("-V")
+    assert result.returncode == 0
+    assert result.stdout.decode().strip() == f"jwbackup {jwbackup.__version__}"
+
+
+def test_help_names_the_commands_and_options():
+    text = run("-h").stdout.decode()
+    for word in ("--config", "--version", "--log-level", "--log-file", "--root", "--dry-run",
+                 "backup", "init", "list", "prune", "files", "excludes", "config"):
+        assert word in text, word
+
+
+def test_module_entry_point_is_the_same_program():
+    result = subprocess.run([str(JWBACKUP.with_name("python")), "-m", "jwbackup", "--version"], capture_output=True)
+    assert result.stdout.decode().strip() == f"jwbackup {jwbackup.__version__}"
+
+
+def test_usage_errors_exit_64():
+    result = run("no-such-command")
+    assert result.returncode == 64
+    assert "invalid choice" in result.stderr.decode()
+
+
+def test_missing_config_is_one_line_exit_78(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    result = run("-l", "-", "-c", missing, "files")
+    assert result.returncode == 78
+    assert result.stderr.decode().splitlines() == [f"jwbackup: error: {missing}: configuration file not found"]
+
+
+def test_options_after_the_command_work_too(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("root: [/etc]\ndestination: {directory: /srv/backup, password: s3cret, host: example.org}\n")
+    cfg.chmod(0o600)
+    result = run("config", "check", "-c", cfg, "-l", "-")
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout.decode()
+    assert "********" in result.stdout.decode()
+
+
+def test_unwritable_log_file_falls_back_to_stderr(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("root: [/etc]\n")
+    cfg.chmod(0o644)
+    log = tmp_path / "no-such-dir" / "jwbackup.log"
+    result = run("-c", cfg, "-l", log, "files")
+    assert result.returncode == 0
+    assert f"cannot write the log file {log}" in result.stderr.decode()
+
+
+def test_non_root_user_gets_a_warning_not_a_crash():
+    """The default log file is root's; nobody can still list what would be backed up."""
+    with tempfile.TemporaryDirectory() as public:  # pytest's tmp_path is private to root
+        os.chmod(public, 0o755)
+        cfg = os.path.join(public, "c.yaml")
+        with open(cfg, "w") as f:
+            f.write("root: [/etc/apt]\n")
+        os.chmod(cfg, 0o644)
+        result = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", str(JWBACKUP), "-c", cfg, "files"],
+            capture_output=True,
+        )
+    assert result.returncode == 0, result.stderr
+    assert b"cannot write the log file /var/log/jwbackup.log" in result.stderr
+    assert b"/etc/apt" in result.stdout

@@ -1,0 +1,90 @@
+"""``jwbackup excludes`` round trip through the real rsync: the rules leave out
+exactly the installed, unmodified files, whatever their names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from fakeroot import DebianRoot
+
+# Installed files with names that rule syntaxes find hard.
+HARD_NAMES = [
+    b"plain",
+    b"with space",
+    b"star*",
+    b"question?",
+    b"bracket[ab]",
+    b"back\\slash",
+    b"back\\slash*star",
+    b"-leading-dash",
+    b"+ plus",
+    b"# hash",
+    b"; semicolon",
+    b"trailing space ",
+    b"latin1-\xe9",
+    b"dollar$HOME",
+]
+
+
+@pytest.fixture
+def root(tmp_path):
+    root = DebianRoot(tmp_path / "system")
+    files = {b"/usr/share/hard/" + name: b"installed " + name for name in HARD_NAMES}
+    files[b"/etc/hard.conf"] = b"pristine\n"
+    files[b"/etc/changed.conf"] = b"pristine\n"
+    root.package("hard", files=files, conffiles=[b"/etc/hard.conf", b"/etc/changed.conf"])
+    root.write()
+    with open(root.path(b"/etc/changed.conf"), "ab") as f:
+        f.write(b"# the admin's change\n")
+    # the admin's files, next to the installed ones, with look-alike names
+    for name in (b"mine", b"star-not-glob", b"plain2", b"bracketa"):
+        with open(root.path(b"/usr/share/hard/" + name), "wb") as f:
+            f.write(b"mine")
+    return root
+
+
+def tree(top: bytes) -> set[bytes]:
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in filenames:
+            found.add(os.path.join(dirpath, name)[len(top):])
+    return found
+
+
+def excludes(jwbackup, root, tmp_path, fmt, *args) -> bytes:
+    cfg = tmp_path / "jwbackup.yaml"
+    cfg.write_text("root: [/]\n")
+    out = tmp_path / f"excludes.{fmt}"
+    result = jwbackup("-c", cfg, "--root", root.root, "excludes", "--format", fmt, "-o", out, *args)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("null", [False, True], ids=["lines", "nul"])
+def test_rsync_rules_exclude_exactly_the_installed_unmodified_files(jwbackup, root, tmp_path, null):
+    rules = excludes(jwbackup, root, tmp_path, "rsync", *(["-0"] if null else []))
+    dest = tmp_path / "copy"
+    # rsync reads the rules when it meets --exclude-from: --from0 must come first
+    argv = ["rsync", "-a", *(["--from0"] if null else []), f"--exclude-from={rules}", root.root + b"/", os.fsencode(dest) + b"/"]
+    subprocess.run(argv, check=True)
+    copied = tree(os.fsencode(dest))
+    installed = {b"/usr/share/hard/" + name for name in HARD_NAMES} | {b"/etc/hard.conf"}
+    assert not copied & installed, sorted(copied & installed)
+    assert tree(root.root) - installed == copied
+
+
+def test_a_conffile_the_admin_changed_is_not_excluded(jwbackup, root, tmp_path):
+    rules = excludes(jwbackup, root, tmp_path, "plain").read_bytes().split(b"\n")
+    assert root.path(b"/etc/hard.conf") in rules
+    assert root.path(b"/etc/changed.conf") not in rules
+
+
+def test_output_file_is_replaced_atomically(jwbackup, root, tmp_path):
+    out = excludes(jwbackup, root, tmp_path, "borg")
+    inode = os.stat(out).st_ino
+    excludes(jwbackup, root, tmp_path, "borg")
+    assert os.stat(out).st_ino != inode  # a new file renamed over the old one
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".jwbackup-")]
