@@ -28,13 +28,22 @@ from itertools import compress, repeat
 from operator import itemgetter
 from typing import Callable, Iterable, NamedTuple
 
-from debian import deb822
-
 from jwbackup.errors import ManifestError
 from jwbackup.managers import FILE, Digest, Entry, Manifest, Package
 from jwbackup.paths import Canonicalizer
 
 logger = logging.getLogger(__name__)
+
+
+def _paragraphs(data: bytes, **kwargs):
+    """deb822 paragraphs of ``data`` through python-debian.
+
+    Imported here, not at the top: the plugin is loaded on every system, and a
+    Gentoo machine need not have python-debian.
+    """
+    from debian import deb822
+
+    return deb822.Deb822.iter_paragraphs(data.split(b"\n"), use_apt_pkg=False, encoding="latin-1", **kwargs)
 
 ADMIN_DIR = b"var/lib/dpkg"
 EXTENDED_STATES = b"var/lib/apt/extended_states"
@@ -110,9 +119,7 @@ def read_status(path: bytes) -> list[StatusPackage]:
         ) from exc
     # latin-1 maps every byte to one character, so conffile names that are not
     # UTF-8 come back unchanged through .encode("latin-1").
-    paragraphs = deb822.Deb822.iter_paragraphs(
-        data.split(b"\n"), fields=STATUS_FIELDS, use_apt_pkg=False, encoding="latin-1"
-    )
+    paragraphs = _paragraphs(data, fields=STATUS_FIELDS)
     packages = []
     for para in paragraphs:
         name = para.get("Package")
@@ -197,7 +204,7 @@ def read_auto_installed(path: bytes) -> set[tuple[str, str | None]]:
         )
         return set()
     auto = set()
-    for para in deb822.Deb822.iter_paragraphs(data.split(b"\n"), use_apt_pkg=False, encoding="latin-1"):
+    for para in _paragraphs(data):
         if para.get("Auto-Installed", "0").strip() == "1" and para.get("Package"):
             auto.add((para["Package"], para.get("Architecture")))
     return auto

@@ -19,11 +19,9 @@ KEYWORDS="~amd64 ~arm64 ~x86"
 # The test suite installs packages and starts an sshd; it runs outside the build.
 RESTRICT="fetch test"
 
-# python-debian: the dpkg plugin is loaded on every system to detect dpkg.
 RDEPEND="
 	net-misc/rsync
 	$(python_gen_cond_dep '
-		dev-python/python-debian[${PYTHON_USEDEP}]
 		dev-python/pyyaml[${PYTHON_USEDEP}]
 		sys-apps/portage[${PYTHON_USEDEP}]
 	')
