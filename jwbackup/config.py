@@ -37,12 +37,15 @@ MAX_SIZE = 1024 * 1024  # larger files are refused before YAML sees them
 MAX_DEPTH = 10  # nesting of lists and mappings; the format itself needs 3
 PASSWORD_MASK = "********"
 
-TOP_KEYS = ("root", "roots", "prune", "destination", "manager", "lock_file")
+TOP_KEYS = ("root", "roots", "prune", "destination", "manager", "lock_file", "hooks", "verify", "transfer")
 DESTINATION_KEYS = (
     "host", "user", "port", "key", "password", "known_hosts", "accept_new_host_key",
     "directory", "generations", "keep",
 )
 KEEP_KEYS = ("daily", "weekly", "monthly", "yearly")
+HOOK_KEYS = ("before", "after", "on_error")
+VERIFY_MODES = ("all", "conffiles", "none")  # see verify.py
+TRANSFER_MODES = ("auto", "rsync")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,15 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class Hooks:
+    """Shell commands run around a backup (see hooks.py); each runs as ``/bin/sh -c``."""
+
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    on_error: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     path: str | None  # the file it was read from
     roots: tuple[str, ...]  # absolute directories to back up
@@ -81,6 +93,9 @@ class Config:
     destination: Destination | None  # None when the file has no destination section
     manager: str | None = None  # force a package manager plugin by name
     lock_file: str = DEFAULT_LOCK_FILE
+    hooks: Hooks = Hooks()
+    verify: str = "all"  # which installed files are compared with their digests: all, conffiles, none
+    transfer: str = "auto"  # how generations are built: auto (local linker where possible) or rsync
 
 
 def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -132,6 +147,12 @@ def dump(config: Config) -> str:
     if config.manager is not None:
         data["manager"] = config.manager
     data["lock_file"] = config.lock_file
+    if config.hooks != Hooks():
+        data["hooks"] = {name: list(getattr(config.hooks, name)) for name in HOOK_KEYS if getattr(config.hooks, name)}
+    if config.verify != "all":
+        data["verify"] = config.verify
+    if config.transfer != "auto":
+        data["transfer"] = config.transfer
     return yaml.dump(
         data, Dumper=_IndentedDumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=4096
     )
@@ -286,7 +307,23 @@ class _Checker:
         destination = self.destination(*items["destination"]) if "destination" in items else None
         manager = self.string(items["manager"][1], "manager", optional=True) if "manager" in items else None
         lock_file = self.path_value(items["lock_file"][1], "lock_file") if "lock_file" in items else DEFAULT_LOCK_FILE
-        return Config(self.path, roots, prune, destination, manager, lock_file)
+        hooks = self.hooks(items["hooks"][1]) if "hooks" in items else Hooks()
+        verify = self.choice(items["verify"][1], "verify", VERIFY_MODES) if "verify" in items else "all"
+        transfer = self.choice(items["transfer"][1], "transfer", TRANSFER_MODES) if "transfer" in items else "auto"
+        return Config(self.path, roots, prune, destination, manager, lock_file, hooks, verify, transfer)
+
+    def hooks(self, node: Node) -> Hooks:
+        items = self.mapping(node, "hooks", HOOK_KEYS)
+        return Hooks(**{name: self.commands(value, f"hooks.{name}") for name, (_, value) in items.items()})
+
+    def commands(self, node: Node, keypath: str) -> tuple[str, ...]:
+        """A list of shell commands, or one command on its own."""
+        if _is(node, "str"):
+            return (self.string(node, keypath),)
+        if not (isinstance(node, SequenceNode) and node.tag == _TAG + "seq"):
+            hint = "; write [] for none" if _is(node, "null") else ""
+            raise self.error(node, keypath, f"must be a list of shell commands or one command, not {_describe(node)}{hint}")
+        return tuple(self.string(item, f"{keypath}[{i}]") for i, item in enumerate(node.value))
 
     def destination(self, key: Node, node: Node) -> Destination:
         items = self.mapping(node, "destination", DESTINATION_KEYS)
@@ -369,6 +406,12 @@ class _Checker:
             raise self.error(node, keypath, "must not be empty" + ("; leave the key out" if optional else ""))
         if "\0" in node.value:
             raise self.error(node, keypath, "must not contain a NUL character")
+        return node.value
+
+    def choice(self, node: Node, keypath: str, choices: tuple[str, ...]) -> str:
+        if not (_is(node, "str") and node.value in choices):
+            given = repr(node.value) if _is(node, "str") else _describe(node)
+            raise self.error(node, keypath, f"must be one of {', '.join(choices)}, not {given}")
         return node.value
 
     def path_value(self, node: Node, keypath: str, optional: bool = False) -> str | None:

@@ -2,9 +2,10 @@
 
 ``jwbackup excludes`` tells borg, rsync, restic or tar what *not* to back up:
 every installed, unmodified, non-directory path.  Rule syntaxes differ in what
-they can express; a path a syntax cannot express exactly (a newline in a
-line-based file, trailing white space that the tool strips, bytes the tool
-cannot decode) is left out of the rules, so the tool backs it up: a missing
+they can express, and each tool's reader trims lines on its own terms; every
+rule is written so that the tool reads back exactly the path (tested with the
+real tools).  A path a syntax cannot express at all (a newline in a
+line-based file) is left out of the rules, so the tool backs it up: a missing
 exclusion costs a few bytes, a wrong one loses data.
 
 Each rule format is a function ``path -> bytes | None`` (None: cannot express).
@@ -14,13 +15,15 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import stat
 import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator
 
+from jwbackup.errors import UsageError
 from jwbackup.managers import DIR, FILE, SYMLINK, Manifest
-from jwbackup.verify import Verifier
+from jwbackup.verify import Verifier, check
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def owned_unmodified(manifest: Manifest, root: bytes = b"/", verifier: Verifier 
     admin's files inside it along with the package's.
     """
     prefix = os.fsencode(root).rstrip(b"/")
-    verifier = verifier or Verifier()
+    verifier = verifier or check(manifest, prefix or b"/", "conffiles", cache_file=None)
     for path, entry in manifest.entries.items():
         if entry.kind == DIR:
             continue
@@ -49,17 +52,13 @@ def owned_unmodified(manifest: Manifest, root: bytes = b"/", verifier: Verifier 
             continue
         if entry.kind == SYMLINK and not stat.S_ISLNK(mode):
             continue
-        if verifier.changed(prefix + path, entry):
+        if verifier.changed(path, entry):
             continue
         yield path
 
 
 def _escape(path: bytes, special: bytes) -> bytes:
     return b"".join(b"\\" + bytes([c]) if c in special else bytes([c]) for c in path)
-
-
-def _line_safe(path: bytes) -> bool:
-    return b"\n" not in path and b"\r" not in path and not path.endswith(TRAILING_SPACE)
 
 
 def _utf8(path: bytes) -> bool:
@@ -70,12 +69,30 @@ def _utf8(path: bytes) -> bool:
     return True
 
 
-def borg_rule(path: bytes) -> bytes | None:
-    # pf: is a full-path match, looked up in a dict by borg: O(1) per file.
-    # borg strips each line and reads the file as UTF-8 text.
-    if not _line_safe(path) or not _utf8(path):
-        return None
-    return b"pf:" + path
+def _borg_regex_char(c: str) -> str:
+    if c.isascii():
+        return c if c.isalnum() or c in "/_-" else f"\\x{ord(c):02x}"
+    if 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that is not UTF-8, as borg's surrogateescape sees it
+        return f"\\u{ord(c):04x}"
+    return c
+
+
+def borg_rule(path: bytes) -> bytes:
+    # borg (and borgmatic 2, which rewrites exclude_from into a patterns file)
+    # reads the file as locale text with universal newlines, str.strip()s each
+    # line (Unicode white space too) and os.path.normpath()s a pf: pattern.
+    # pf: is a dict lookup, O(1) per file; a path those steps would change
+    # becomes an anchored re: pattern instead, escaped down to ASCII where it
+    # matters and ending in \Z (a $ would also match before a final newline).
+    text = path.decode("utf-8", "surrogateescape")
+    plain = (
+        "\n" not in text and "\r" not in text and text.rstrip() == text
+        and posixpath.normpath(text) == text and _utf8(path)
+    )
+    if plain:
+        return b"pf:" + path
+    regex = "".join(map(_borg_regex_char, text.lstrip("/")))
+    return b"re:^" + regex.encode("utf-8") + b"\\Z"
 
 
 def rsync_rule(path: bytes) -> bytes:
@@ -86,16 +103,36 @@ def rsync_rule(path: bytes) -> bytes:
     return b"- " + path
 
 
+def _last_in_class(rule: bytes) -> bytes:
+    """Wrap the rule's last byte in ``[...]``, so a line-trimming reader keeps it."""
+    return rule[:-1] + b"[" + rule[-1:] + b"]"
+
+
 def restic_rule(path: bytes) -> bytes | None:
-    # restic trims each line and expands $VARIABLES: $ is written $$.
-    if not _line_safe(path) or path.lstrip().startswith(b"#"):
+    # restic splits lines on \n, drops a final \r, trims Unicode white space
+    # (strings.TrimSpace) and expands $VARIABLES ($$ is a literal $).  Trailing
+    # white space survives as a one-character class.
+    if b"\n" in path:
         return None
-    return _escape(path, GLOB_SPECIAL).replace(b"$", b"$$")
+    rule = _escape(path, GLOB_SPECIAL).replace(b"$", b"$$")
+    text = path.decode("utf-8", "surrogateescape")
+    if text.rstrip() != text:
+        last = text[-1].encode("utf-8", "surrogateescape")
+        rule = rule[: -len(last)] + b"[" + last + b"]"
+    return rule
 
 
-def tar_rule(path: bytes) -> bytes:
-    # For GNU tar -X with --anchored; tar strips the leading slash of members.
-    return _escape(path.lstrip(b"/"), GLOB_SPECIAL)
+def tar_rule(path: bytes) -> bytes | None:
+    # For GNU tar ``--anchored -X FILE`` (--anchored before -X), archiving
+    # absolute paths: tar matches the name it was given, leading slash
+    # included.  -X is read line by line even with --null, and trailing
+    # ASCII white space is stripped: it survives as a one-character class.
+    if b"\n" in path:
+        return None
+    rule = _escape(path, GLOB_SPECIAL)
+    if path.endswith(TRAILING_SPACE):
+        rule = _last_in_class(rule)
+    return rule
 
 
 def plain_rule(path: bytes) -> bytes:
@@ -107,13 +144,14 @@ class Format:
     rule: Callable[[bytes], bytes | None]
     anchored_at_root: bool  # rules name system paths (rsync) instead of real ones
     null_ok: bool  # the tool can read NUL-separated rules
+    cr_ok: bool = False  # the rule function has placed any \r where the tool's line reader keeps it
 
 
 FORMATS = {
-    "borg": Format(borg_rule, False, False),
+    "borg": Format(borg_rule, False, False, cr_ok=True),
     "rsync": Format(rsync_rule, True, True),
-    "restic": Format(restic_rule, False, False),
-    "tar": Format(tar_rule, False, True),
+    "restic": Format(restic_rule, False, False, cr_ok=True),
+    "tar": Format(tar_rule, False, False, cr_ok=True),
     "plain": Format(plain_rule, False, True),
 }
 
@@ -129,13 +167,15 @@ def write_rules(
 ) -> Written:
     """Write one rule per path to ``out``; count what could not be expressed."""
     form = FORMATS[fmt]
+    if null and not form.null_ok:
+        raise UsageError(f"{fmt} reads its exclude file line by line; -0 is for rsync and plain")
     prefix = b"" if form.anchored_at_root else os.fsencode(root).rstrip(b"/")
     sep = b"\0" if null else b"\n"
     written = Written()
     buf = []
     for path in paths:
         rule = form.rule(prefix + path)
-        if rule is None or (not null and (b"\n" in rule or b"\r" in rule)):
+        if rule is None or (not null and (b"\n" in rule or (b"\r" in rule and not form.cr_ok))):
             written.unexpressible += 1
             continue
         buf.append(rule)

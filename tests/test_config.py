@@ -213,7 +213,7 @@ def test_top_level_must_be_a_mapping(write):
     path = write("- /\n- /home\n")
     assert error_of(path) == (
         f"{path}:1: the configuration must be a mapping of keys "
-        "(root, roots, prune, destination, manager, lock_file), not a list"
+        "(root, roots, prune, destination, manager, lock_file, hooks, verify, transfer), not a list"
     )
 
 
@@ -263,7 +263,7 @@ def test_unknown_key_suggests_the_close_one(write):
 def test_unknown_key_without_close_match_lists_known_keys(write):
     path = write("compression: zstd\n")
     assert error_of(path) == (
-        f"{path}:1: compression: unknown key; known keys: root, roots, prune, destination, manager, lock_file"
+        f"{path}:1: compression: unknown key; known keys: root, roots, prune, destination, manager, lock_file, hooks, verify, transfer"
     )
 
 
@@ -403,3 +403,70 @@ def test_python_tags_are_not_executed(write):
     assert error_of(path) == (
         f"{path}:1: manager: must be a string, not a list tagged tag:yaml.org,2002:python/object/apply:os.system"
     )
+
+
+# --- hooks -----------------------------------------------------------------------------
+
+
+def test_hooks_are_lists_of_shell_commands_and_a_single_string_is_one_command(write):
+    cfg = config.load(write("""\
+        hooks:
+          before: ["mount /backup", "test -d /backup/host"]
+          after: umount /backup
+        """), env={})
+    assert cfg.hooks == config.Hooks(before=("mount /backup", "test -d /backup/host"), after=("umount /backup",))
+    assert config.load(write("root: /\n", name="plain.yaml"), env={}).hooks == config.Hooks()
+
+
+def test_hooks_round_trip_through_dump(write):
+    original = config.load(write("hooks: {on_error: ['mail -s \"backup failed\" root < /dev/null']}\n"), env={})
+    again = config.load(write(config.dump(original), name="d.yaml"), env={})
+    assert again.hooks == original.hooks
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("hooks: [echo]\n", "x.yaml:1: hooks: must be a mapping of keys (before, after, on_error), not a list"),
+    ("hooks:\n  befor: [echo]\n", "x.yaml:2: hooks.befor: unknown key; did you mean 'before'?"),
+    ("hooks:\n  after:\n    - echo\n    - 3\n", "x.yaml:4: hooks.after[1]: must be a string, not a whole number (3)"),
+    ("hooks:\n  on_error:\n", "x.yaml:2: hooks.on_error: must be a list of shell commands or one command, not an empty value"),
+    ("hooks:\n  before: ['']\n", "x.yaml:2: hooks.before[0]: must not be empty"),
+])
+def test_bad_hooks_get_one_line_naming_file_line_and_key(write, text, expected):
+    path = write(text, name="x.yaml")
+    assert error_of(path).startswith(path[: -len("x.yaml")] + expected)
+
+
+# --- verify ----------------------------------------------------------------------------
+
+
+def test_verify_defaults_to_all_and_takes_conffiles_or_none(write):
+    assert config.load(write("root: /\n"), env={}).verify == "all"
+    for mode in ("all", "conffiles", "none"):
+        cfg = config.load(write(f"verify: {mode}\n", name=f"{mode}.yaml"), env={})
+        assert cfg.verify == mode
+        assert config.load(write(config.dump(cfg), name=f"{mode}-dump.yaml"), env={}).verify == mode
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("verify: md5\n", "x.yaml:1: verify: must be one of all, conffiles, none, not 'md5'"),
+    ("verify: no\n", "x.yaml:1: verify: must be one of all, conffiles, none, not a boolean (no)"),
+])
+def test_bad_verify_mode_gets_one_line_naming_the_choices(write, text, expected):
+    path = write(text, name="x.yaml")
+    assert error_of(path).startswith(path[: -len("x.yaml")] + expected)
+
+
+# --- transfer --------------------------------------------------------------------------
+
+
+def test_transfer_defaults_to_auto_and_takes_rsync(write):
+    assert config.load(write("root: /\n"), env={}).transfer == "auto"
+    for mode in ("auto", "rsync"):
+        cfg = config.load(write(f"transfer: {mode}\n", name=f"t-{mode}.yaml"), env={})
+        assert cfg.transfer == mode
+        assert config.load(write(config.dump(cfg), name=f"t-{mode}-dump.yaml"), env={}).transfer == mode
+
+
+def test_bad_transfer_mode_gets_one_line_naming_the_choices(write):
+    path = write("transfer: cp\n", name="x.yaml")
+    assert error_of(path).startswith(path[: -len("x.yaml")] + "x.yaml:1: transfer: must be one of auto, rsync, not 'cp'")
