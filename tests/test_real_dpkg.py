@@ -21,9 +21,11 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/var/lib/dpkg/status"), reas
 INFO = "/var/lib/dpkg/info"
 
 
-def write_config(tmp_path, roots):
+def write_config(tmp_path, roots, verify="conffiles"):
+    """Only conffiles are verified here: these tests are about ownership; the
+    package files changed behind dpkg's back are tests/test_verify.py's."""
     cfg = tmp_path / "jwbackup.yaml"
-    cfg.write_text("root: [%s]\n" % ", ".join(roots))
+    cfg.write_text("root: [%s]\nverify: %s\n" % (", ".join(roots), verify))
     return cfg
 
 
