@@ -7,8 +7,11 @@ of every path), and returns rsync's exit status, statistics and error lines.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -71,7 +74,9 @@ def make_command(
 
     ``source`` and ``target`` are directories; trailing slashes are added.
     """
-    argv = ["rsync", "-aHAX", "--numeric-ids", "--files-from=-", "--from0", "--stats"]
+    # --ignore-missing-args: a listed path deleted between the walk and the
+    # transfer is left out quietly, as if the walk had not met it (else exit 23)
+    argv = ["rsync", "-aHAX", "--numeric-ids", "--files-from=-", "--from0", "--ignore-missing-args", "--stats"]
     argv += list(transport_args)
     argv += [f"--link-dest={d}" for d in link_dests[:MAX_LINK_DESTS]]
     if dry_run:
@@ -184,6 +189,7 @@ def transfer(
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=_die_with_parent,
     )
     feeder = _Feeder(paths, proc.stdin)
     collector = _Collector(proc.stderr)
@@ -197,6 +203,24 @@ def transfer(
         collector.lines.append(f"... and {collector.dropped} more lines")
     logger.debug("rsync exited %d after %d paths", returncode, feeder.count)
     return Result(returncode, parse_stats(output), collector.lines, feeder.error, output)
+
+
+_PR_SET_PDEATHSIG = 1
+try:  # looked up here: the child of a fork should not load libraries
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM rsync when jwbackup dies (even by SIGKILL), so no
+    orphan keeps writing into the ``.partial`` after the lock is gone."""
+    if _prctl is None:
+        return
+    parent = os.getppid()
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:  # jwbackup died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _read_output(stream, feeder: _Feeder, progress: bool) -> bytes:

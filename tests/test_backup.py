@@ -288,7 +288,7 @@ def _rsync_pids(marker: bytes) -> list[int]:
 
 
 def test_killed_rsync_leaves_partial_and_next_run_reuses_it(jwbackup, system, tmp_path):
-    system.configure()
+    system.configure(extra="transfer: rsync\n")
     backup(jwbackup, system)
     (first,) = system.generations()
     before = tree_state(system.dest / first)
