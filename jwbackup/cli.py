@@ -103,7 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
     excludes = command("excludes", "print exclude rules for the installed, unmodified files")
     excludes.add_argument("--format", "-f", choices=sorted(EXCLUDE_FORMATS), default="plain", help="rule syntax (default: plain)")
     excludes.add_argument("-o", "--output", metavar="FILE", help="write to FILE atomically instead of stdout")
-    excludes.add_argument("-0", "--null", action="store_true", help="end each rule with NUL (rsync --from0, tar --null, plain)")
+    excludes.add_argument("-0", "--null", action="store_true", help="end each rule with NUL (rsync --from0, plain)")
+
+    restore = command("restore", "copy files back from a generation, or print the package reinstall plan")
+    restore.epilog = (
+        "PATHs are named as the system sees them (/etc/ssh, /home/alice/notes.txt); relative ones start from "
+        "the current directory.  They come back with their modes, owners, ACLs, xattrs and times, to where they "
+        "were (under --root) or under --target DIR.  Nothing at the target is deleted without --delete.  "
+        "With --packages: print the commands that reinstall the packages the generation recorded."
+    )
+    restore.add_argument("paths", nargs="*", metavar="PATH", help="a file or directory to restore")
+    restore.add_argument("-g", "--generation", metavar="NAME",
+                         help="the generation to restore from (default: the newest complete one; see 'jwbackup list')")
+    restore.add_argument("-t", "--target", metavar="DIR", help="restore under DIR instead of the original place")
+    restore.add_argument("-n", "--dry-run", action="store_true", default=argparse.SUPPRESS,
+                         help="show what would be copied (rsync's itemized list); change nothing")
+    restore.add_argument("--delete", action="store_true",
+                         help="delete what the restored directories hold at the target but the generation does not")
+    restore.add_argument("--packages", action="store_true", help="print the package reinstall plan (apt-get or emerge commands)")
+    restore.add_argument("--exact-versions", action="store_true",
+                         help="with --packages on dpkg systems: pin each package to the version the generation recorded")
+
+    diff = command("diff", "list paths added (+), removed (-) or changed (M) between two generations, "
+                           "or from a generation to the system now")
+    diff.add_argument("generations", nargs="+", metavar="GENERATION",
+                      help="the older generation, then the newer one; without it, the system now ('latest' names the newest)")
+    diff.add_argument("-0", "--null", action="store_true", help="end each line with NUL, not newline")
 
     cfg = command("config", "configuration commands")
     cfg_commands = cfg.add_subparsers(dest="config_command", metavar="ACTION", parser_class=Parser, required=True)
@@ -177,6 +202,19 @@ def run(args: argparse.Namespace) -> int:
         return generate.files(cfg, args.root, null=args.null, no_dirs=args.no_dirs)
     if args.command == "excludes":
         return generate.excludes(cfg, args.root, fmt=args.format, output=args.output, null=args.null)
+    if args.command == "restore":
+        from jwbackup import restore
+
+        if args.packages:
+            if args.paths:
+                raise errors.UsageError("restore --packages takes no paths")
+            return restore.restore_packages(cfg, args.generation, exact_versions=args.exact_versions)
+        return restore.restore_paths(cfg, args.root, args.paths, args.generation, target=args.target,
+                                     dry_run=args.dry_run, delete=args.delete)
+    if args.command == "diff":
+        from jwbackup import restore
+
+        return restore.diff(cfg, args.root, args.generations, null=args.null)
     if args.command == "config":
         sys.stdout.write(config.dump(cfg))
         return errors.EX_OK

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from jwbackup import managers
+from jwbackup import managers, verify
 from jwbackup.config import Config
 from jwbackup.errors import EX_OK
 from jwbackup.excludes import owned_unmodified, write_atomically, write_rules
@@ -35,14 +35,19 @@ def load_manifest(cfg: Config, root: str) -> Manifest:
 
 
 def make_selector(cfg: Config, root: str, manifest: Manifest) -> Selector:
-    """A selector over ``root`` that skips the prune list and a local destination."""
+    """A selector over ``root`` that skips the prune list and a local destination.
+
+    Installed files under the roots are verified first (``cfg.verify``, behind
+    the stat cache); the selector keeps the modified ones.
+    """
     prune = [os.fsencode(p) for p in cfg.prune]
     dest = cfg.destination
     if dest is not None and not dest.remote:
         inside = system_path(os.fsencode(os.path.realpath(root)), os.fsencode(os.path.realpath(dest.directory)))
         if inside is not None:
             prune.append(inside)
-    return Selector(manifest, root=root, prune=prune)
+    verifier = verify.check(manifest, root, cfg.verify, roots=cfg.roots)
+    return Selector(manifest, root=root, prune=prune, verifier=verifier)
 
 
 def files(cfg: Config, root: str, null: bool = False, no_dirs: bool = False) -> int:
@@ -66,7 +71,8 @@ def files(cfg: Config, root: str, null: bool = False, no_dirs: bool = False) -> 
 
 def excludes(cfg: Config, root: str, fmt: str, output: str | None = None, null: bool = False) -> int:
     manifest = load_manifest(cfg, root)
-    paths = owned_unmodified(manifest, os.fsencode(root))
+    verifier = verify.check(manifest, root, cfg.verify)
+    paths = owned_unmodified(manifest, os.fsencode(root), verifier)
 
     def fill(out):
         return write_rules(paths, fmt, out, root=os.fsencode(root), null=null)

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from jwbackup import generations, transport
+from jwbackup import generations, pkgstate, transport
 from jwbackup.backup import destination_of, human_size
 from jwbackup.config import Config
 from jwbackup.errors import EX_OK
@@ -34,15 +34,16 @@ def init(cfg: Config) -> int:
 def list_generations(cfg: Config, as_json: bool = False) -> int:
     dest, t, repo = _open(cfg)
     with t:
-        repo.check()
         listing = repo.listing()
         stats = repo.read_stats()
+        packages = pkgstate.count_packages(repo, listing.complete)
     rows = [
         {
             "name": name,
             "date": generations.parse(name).isoformat(sep=" "),
             "files": stats.get(name, {}).get("files"),
             "size": stats.get(name, {}).get("size"),
+            "packages": packages.get(name),
         }
         for name in listing.complete
     ]
@@ -51,11 +52,12 @@ def list_generations(cfg: Config, as_json: bool = False) -> int:
                   sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EX_OK
-    print(f"{'GENERATION':<20}  {'FILES':>10}  {'SIZE':>10}")
+    print(f"{'GENERATION':<20}  {'FILES':>10}  {'SIZE':>10}  {'PACKAGES':>8}")
     for row in rows:
         files = f"{row['files']:,}" if row["files"] is not None else "?"
         size = human_size(row["size"]) if row["size"] is not None else "?"
-        print(f"{row['name']:<20}  {files:>10}  {size:>10}")
+        count = f"{row['packages']:,}" if row["packages"] is not None else "?"
+        print(f"{row['name']:<20}  {files:>10}  {size:>10}  {count:>8}")
     for name in listing.partial:
         print(f"{name}  (interrupted; linked against by the next run, then removed)")
     return EX_OK
@@ -64,19 +66,16 @@ def list_generations(cfg: Config, as_json: bool = False) -> int:
 def prune(cfg: Config, dry_run: bool = False) -> int:
     dest, t, repo = _open(cfg)
     with Lock(cfg.lock_file), t:
-        repo.check()
         listing = repo.listing()
         plan = generations.plan_retention(listing.complete, dest.generations, dest.keep)
         for name, reasons in plan.keep:
             logger.info("keeping %s (%s)", name, ", ".join(reasons))
         for name in plan.remove:
+            logger.info("%s expired generation %s", "would remove" if dry_run else "removing", name)
             if dry_run:
-                logger.info("would remove %s", name)
                 print(f"would remove {name}")
-            else:
-                logger.info("removing expired generation %s", name)
-                repo.remove(name)
         if not dry_run:
+            repo.remove(*plan.remove)
             repo.finish_removals(listing)
     return EX_OK
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from jwbackup.managers import DIR, FILE, SYMLINK, Manifest
-from jwbackup.verify import Verifier
+from jwbackup.verify import Verifier, check
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,17 @@ def _kind_matches(kind: str | None, entry: os.DirEntry) -> bool:
 
 
 def _cachedir_tagged(real_dir: bytes) -> bool:
+    """A regular file with the signature; a FIFO or device by that name would block the walk."""
     try:
-        with open(real_dir + b"/" + CACHEDIR_TAG, "rb") as f:
-            return f.read(len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE
+        fd = os.open(real_dir + b"/" + CACHEDIR_TAG, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class Selector:
@@ -89,7 +95,8 @@ class Selector:
         self.entries = manifest.entries
         self.prefix = os.fsencode(root).rstrip(b"/")
         self.prune = {os.fsencode(p) for p in prune}
-        self.verifier = verifier or Verifier()
+        # Without a verification pre-pass from the caller: conffiles only, no cache.
+        self.verifier = verifier or check(manifest, self.prefix or b"/", "conffiles", cache_file=None)
         self.stats = Stats()
 
     def select(self, roots: Iterable[str | bytes], directories: bool = True) -> Iterator[bytes]:
@@ -158,7 +165,7 @@ class Selector:
                 stats.entries += 1
                 entry = entries.get(path)
                 if entry is not None and _kind_matches(entry.kind, child):
-                    if not changed(prefix + path, entry):
+                    if not changed(path, entry):
                         stats.owned += 1
                         continue
                     stats.modified += 1

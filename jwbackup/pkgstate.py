@@ -1,0 +1,150 @@
+"""The package state, written into the system before each backup.
+
+``/var/lib/jwbackup/packages/`` (under the root) holds plain text files that a
+person reads and a tool feeds back; the backup copies them into every
+generation at the same path, so each generation says what was installed:
+
+dpkg
+    ``packages``: ``<package> <version> <architecture>`` per line;
+    ``manual``: the packages installed explicitly (apt-mark manual), one per
+    line, ``name:arch`` only where a name is installed for several
+    architectures.
+portage
+    ``installed``: ``category/package-version`` per line;
+    ``world`` and ``world_sets``: copies of ``/var/lib/portage/world{,_sets}``.
+
+:func:`read` turns the files of a generation back into :class:`State`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+
+from jwbackup import managers
+from jwbackup.errors import JwbackupError
+from jwbackup.excludes import write_atomically
+from jwbackup.managers import Package
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = "/var/lib/jwbackup/packages"  # a system path, under the root
+DPKG_FILES = ("packages", "manual")
+PORTAGE_FILES = ("installed", "world", "world_sets")
+FILES = DPKG_FILES + PORTAGE_FILES
+COUNT_FILES = ("packages", "installed")  # one line per installed package
+PORTAGE_STATE = "var/lib/portage"
+
+
+@dataclass
+class State:
+    """The package state of one generation."""
+
+    manager: str  # "dpkg" or "portage"
+    packages: list[tuple[str, str, str | None]] = field(default_factory=list)  # (name, version, arch)
+    manual: list[str] = field(default_factory=list)  # dpkg: package names as apt takes them
+    installed: list[str] = field(default_factory=list)  # portage: cpv
+    world: list[str] = field(default_factory=list)  # portage: world atoms, then world_sets sets
+
+
+def dpkg_files(packages: list[Package]) -> dict[str, bytes]:
+    """The contents of ``packages`` and ``manual`` for a dpkg system."""
+    arches = Counter(p.name for p in packages)
+    lines = [f"{p.name} {p.version} {p.architecture or '-'}\n" for p in packages]
+    manual = sorted(
+        p.name if arches[p.name] == 1 or not p.architecture else f"{p.name}:{p.architecture}"
+        for p in packages if p.manual
+    )
+    return {"packages": "".join(lines).encode(), "manual": "".join(m + "\n" for m in manual).encode()}
+
+
+def portage_files(root: str, packages: list[Package]) -> dict[str, bytes]:
+    """The contents of ``installed``, ``world`` and ``world_sets`` for a Gentoo system."""
+    files = {"installed": "".join(f"{p.name}-{p.version}\n" for p in packages).encode()}
+    for name in ("world", "world_sets"):
+        try:
+            with open(os.path.join(root, PORTAGE_STATE, name), "rb") as f:
+                files[name] = f.read()
+        except FileNotFoundError:
+            files[name] = b""
+    return files
+
+
+def write(root: str, manager_name: str | None = None) -> str:
+    """Write the package state of the system at ``root``; returns the directory written.
+
+    Each file is replaced atomically.  Raises OSError when the directory
+    cannot be written, and what the manager raises when its database cannot
+    be read.
+    """
+    manager = managers.detect(root, manager_name)
+    packages = manager.packages(root)
+    if manager.name == "portage":
+        files = portage_files(root, packages)
+    else:
+        files = dpkg_files(packages)
+    directory = os.path.join(root, STATE_DIR.lstrip("/"))
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    for name, data in files.items():
+        write_atomically(os.path.join(directory, name), lambda f, data=data: f.write(data))
+    for name in set(FILES) - set(files):  # left from another package manager
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+    logger.info("package state: %d %s packages, %d installed explicitly, in %s",
+                len(packages), manager.name, sum(p.manual for p in packages), directory)
+    return directory
+
+
+def parse(files: dict[str, bytes]) -> State | None:
+    """The :class:`State` in the files of a package state directory (name -> content); None if empty."""
+    def lines(name: str) -> list[str]:
+        text = files.get(name, b"").decode("utf-8", "replace")
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+    if "packages" in files:
+        state = State("dpkg", manual=lines("manual"))
+        for line in lines("packages"):
+            words = line.split()
+            if len(words) >= 2:
+                arch = words[2] if len(words) > 2 and words[2] != "-" else None
+                state.packages.append((words[0], words[1], arch))
+        return state
+    if "installed" in files:
+        return State("portage", installed=lines("installed"), world=lines("world") + lines("world_sets"))
+    return None
+
+
+def save(root: str, manager_name: str | None = None) -> bool:
+    """:func:`write`, with a failure logged as a warning: the backup goes on without it."""
+    try:
+        write(root, manager_name)
+        return True
+    except (OSError, JwbackupError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        logger.warning("cannot write the package state into %s: %s", os.path.join(root, STATE_DIR.lstrip("/")), reason)
+        return False
+
+
+def count_packages(repo, names) -> dict[str, int]:
+    """How many packages each generation in ``names`` recorded; one command for all of them.
+
+    Generations without a package state are left out of the answer.
+    """
+    paths = {
+        posixpath.join(repo.path(name), STATE_DIR.lstrip("/"), file): name
+        for name in names for file in COUNT_FILES
+    }
+    if not paths:
+        return {}
+    out = repo.transport.run(["wc", "-l", "--", *paths], check=False).stdout
+    counts = {}
+    for line in out.decode("utf-8", "surrogateescape").splitlines():
+        number, _, path = line.strip().partition(" ")
+        if path in paths and number.isdigit():
+            counts[paths[path]] = int(number)
+    return counts

@@ -1,0 +1,361 @@
+"""Getting things back from a generation: files, the package list, what changed.
+
+* :func:`restore_paths` copies files or trees from a generation (local or over
+  ssh) back to where they were, or under another directory, with
+  ``rsync -aHAX --numeric-ids``: contents, modes, owners, ACLs, xattrs, times,
+  symlinks and hard links come back as they were.  Nothing at the target is
+  deleted unless asked (``--delete``).  Files are compared as rsync does
+  (size and mtime), so a restore into place copies only what differs.
+* :func:`restore_packages` prints the commands that reinstall the packages a
+  generation recorded (see :mod:`jwbackup.pkgstate`).
+* :func:`diff` lists what was added, removed or changed between two
+  generations, or between a generation and what a backup would hold now.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import shlex
+import stat
+import sys
+from typing import Iterable, NamedTuple
+
+from jwbackup import pkgstate, rsync, transport
+from jwbackup.backup import destination_of
+from jwbackup.config import Config
+from jwbackup.errors import EX_OK, EX_WARNINGS, JwbackupError, TransferError, UsageError
+from jwbackup.execute import first_cause
+from jwbackup.generations import LATEST
+from jwbackup.repository import Repository
+
+logger = logging.getLogger(__name__)
+
+LINE_WIDTH = 78
+
+
+def _open(cfg: Config):
+    dest = destination_of(cfg)
+    t = transport.connect(dest)
+    return dest, t, Repository(t, dest.directory)
+
+
+def pick_generation(complete: Iterable[str], name: str | None) -> str:
+    """``name`` if it is a complete generation; the newest for None or ``latest``."""
+    complete = list(complete)
+    if not complete:
+        raise UsageError("the destination holds no complete generation yet")
+    if name in (None, LATEST):
+        return complete[0]
+    if name not in complete:
+        raise UsageError(f"unknown generation {name!r}; generations: {', '.join(complete)}")
+    return name
+
+
+# -- files -----------------------------------------------------------------------
+
+
+def system_paths(paths: Iterable[str | bytes], root: str) -> list[bytes]:
+    """The requested paths, absolute and normalised, as the system sees them."""
+    result = []
+    for path in paths:
+        p = os.fsencode(path)
+        if not p.startswith(b"/"):
+            if os.fsencode(root).rstrip(b"/"):
+                raise UsageError(f"{os.fsdecode(p)}: with --root, name paths as the system sees them (absolute)")
+            p = os.path.abspath(p)
+        p = posixpath.normpath(p)
+        if p.startswith(b"//"):
+            p = p[1:]
+        if p not in result:
+            result.append(p)
+    return result
+
+
+def missing_ancestors(target: bytes, paths: Iterable[bytes]) -> list[bytes]:
+    """The parent directories of ``paths`` that do not exist under ``target``, outermost first."""
+    missing: set[bytes] = set()
+    for path in paths:
+        parent = posixpath.dirname(path)
+        while parent != b"/" and not os.path.lexists(target + parent):
+            missing.add(parent)
+            parent = posixpath.dirname(parent)
+    return sorted(missing, key=lambda p: (p.count(b"/"), p))
+
+
+def restore_command(source: str, target: str, *, recursive: bool, transport_args=(), dry_run=False,
+                    delete=False) -> list[str]:
+    """rsync reading the paths to restore (relative to ``source``) from stdin, NUL-separated.
+
+    Existing parent directories at the target are left as they are
+    (``--no-implied-dirs``).  Without ``recursive`` only the listed entries
+    themselves are copied (used for the parents that have to be recreated).
+    """
+    argv = ["rsync", "-aHAX", "--numeric-ids", "--files-from=-", "--from0", "--no-implied-dirs"]
+    argv.append("--recursive" if recursive else "--no-recursive")
+    argv += list(transport_args)
+    if delete:
+        argv.append("--delete")
+    if dry_run:
+        argv += ["--dry-run", "--itemize-changes"]
+    return argv + [source.rstrip("/") + "/", target.rstrip("/") + "/"]
+
+
+def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generation: str | None = None,
+                  target: str | None = None, dry_run: bool = False, delete: bool = False) -> int:
+    """Copy ``paths`` (system paths) from a generation to ``target`` (default: ``root``)."""
+    requested = system_paths(paths, root)
+    if not requested:
+        raise UsageError("name the paths to restore, or use --packages")
+    dest, t, repo = _open(cfg)
+    to = os.fsencode(os.path.abspath(target if target is not None else root)).rstrip(b"/")
+    with t:
+        name = pick_generation(repo.listing().complete, generation)
+        source = repo.path(name)
+        absent = _absent(repo, source, requested)
+        if absent:
+            shown = ", ".join(os.fsdecode(p) for p in absent[:5]) + (", ..." if len(absent) > 5 else "")
+            raise UsageError(f"not in generation {name}: {shown}")
+        # The ancestors are restored after the paths, so that their times stay as recorded.
+        ancestors = missing_ancestors(to, requested)
+        runs = [(requested, True)] + ([(ancestors, False)] if ancestors else [])
+        status = EX_OK
+        for listed, recursive in runs:
+            argv = restore_command(
+                t.rsync_target(source), os.fsdecode(to) or "/", recursive=recursive,
+                transport_args=t.rsync_args(), dry_run=dry_run, delete=delete and recursive,
+            )
+            result = rsync.transfer(
+                argv, [p.lstrip(b"/") or b"." for p in listed], env=t.env(),
+                secrets=[dest.password] if dest.password else [],
+            )
+            if dry_run:
+                sys.stdout.buffer.write(result.output.rstrip(b"\n") + b"\n" if result.output.strip() else b"")
+            if result.returncode not in (0, rsync.VANISHED, rsync.PARTIAL):
+                stderr = "\n".join(result.errors).encode()
+                raise t.connection_error(stderr) or TransferError(
+                    f"restore from {name} failed: {first_cause(stderr) or f'rsync exited with status {result.returncode}'}")
+            if result.returncode:
+                for line in result.errors:
+                    logger.warning("rsync: %s", line)
+                status = EX_WARNINGS
+    logger.info("%s %d paths from %s to %s", "would restore" if dry_run else "restored", len(requested), name,
+                os.fsdecode(to) or "/")
+    return status
+
+
+def _absent(repo: Repository, source: str, paths: list[bytes]) -> list[bytes]:
+    """The ``paths`` that the generation at ``source`` does not hold (one ``find`` for all)."""
+    wanted = {os.fsencode(source) + p: p for p in paths}
+    out = repo.transport.run(["find", *wanted, "-maxdepth", "0", "-printf", r"%p\0"], check=False).stdout
+    found = set(out.split(b"\0"))
+    return [p for full, p in wanted.items() if full not in found]
+
+
+# -- packages --------------------------------------------------------------------
+
+
+def read_state(repo: Repository, name: str) -> pkgstate.State | None:
+    """The package state recorded in generation ``name``, or None."""
+    directory = posixpath.join(repo.path(name), pkgstate.STATE_DIR.lstrip("/"))
+    files = {}
+    for file in pkgstate.FILES:
+        result = repo.transport.run(["cat", "--", posixpath.join(directory, file)], check=False)
+        if result.returncode == 0:
+            files[file] = result.stdout
+    return pkgstate.parse(files)
+
+
+def _command(words: list[str], items: list[str]) -> list[str]:
+    """A shell command over several lines: ``words``, then ``items`` wrapped with backslashes."""
+    lines, line = [], " ".join(shlex.quote(w) for w in words)
+    for item in map(shlex.quote, items):
+        if len(line) + 1 + len(item) > LINE_WIDTH - 2:
+            lines.append(line + " \\")
+            line = "    " + item
+        else:
+            line += " " + item
+    return lines + [line]
+
+
+def package_plan(state: pkgstate.State, generation: str, exact_versions: bool = False) -> list[str]:
+    """The reinstall plan: comment lines and shell commands an admin reviews and runs."""
+    if state.manager == "portage":
+        lines = [
+            f"# Reinstall plan from generation {generation} (portage): {len(state.installed)} packages were "
+            f"installed, {len(state.world)} atoms and sets selected in the world file.",
+            "# Restore /etc/portage first (jwbackup restore /etc/portage), then run:",
+        ]
+        if not state.world:
+            return lines + ["# (the world file was empty: nothing was selected explicitly)"]
+        return lines + _command(["emerge", "--ask", "--noreplace"], state.world)
+    versions = {}
+    for name, version, arch in state.packages:
+        versions[name] = versions[f"{name}:{arch}"] = version
+    manual = set(state.manual)
+
+    def spec(name: str) -> str:
+        return f"{name}={versions[name]}" if exact_versions and name in versions else name
+
+    arches: dict[str, int] = {}
+    for name, _, _ in state.packages:
+        arches[name] = arches.get(name, 0) + 1
+    bare_manual = {m.split(":")[0] for m in manual}
+    auto = sorted(
+        name if arches[name] == 1 or not arch else f"{name}:{arch}"
+        for name, _, arch in state.packages
+        if name not in manual and f"{name}:{arch}" not in manual and not (arches[name] == 1 and name in bare_manual)
+    )
+    lines = [
+        f"# Reinstall plan from generation {generation} (dpkg): {len(state.packages)} packages, "
+        f"{len(manual)} installed explicitly.",
+        "# Run as root on the same release and architecture"
+        + ("; pinned versions may no longer be in the archive." if exact_versions else "."),
+        "apt-get update",
+    ]
+    if manual:
+        lines += _command(["apt-get", "install"], [spec(m) for m in sorted(manual)])
+    if auto:
+        lines.append("# Optional: the packages that were installed as dependencies, marked automatic again:")
+        lines += _command(["apt-get", "install", "--mark-auto"], [spec(a) for a in auto])
+    return lines
+
+
+def restore_packages(cfg: Config, generation: str | None = None, exact_versions: bool = False) -> int:
+    dest, t, repo = _open(cfg)
+    with t:
+        name = pick_generation(repo.listing().complete, generation)
+        state = read_state(repo, name)
+    if state is None:
+        raise JwbackupError(
+            f"generation {name} holds no package state ({pkgstate.STATE_DIR}); it was made by an older "
+            "jwbackup, or the roots leave out /var/lib"
+        )
+    sys.stdout.write("".join(line + "\n" for line in package_plan(state, name, exact_versions)))
+    return EX_OK
+
+
+# -- diff ------------------------------------------------------------------------
+
+
+class Record(NamedTuple):
+    inode: int | None  # None: never shared (the live system)
+    kind: str  # find's %y: f d l p s c b
+    size: int
+    mtime_ns: int
+    mode: int
+    uid: int
+    gid: int
+    link: bytes
+
+
+FIND_FORMAT = r"%i\0%y\0%s\0%T@\0%m\0%U\0%G\0%l\0%P\0"
+_FIELDS = 9
+
+
+def parse_find(out: bytes) -> dict[bytes, Record]:
+    """``find -printf FIND_FORMAT`` output -> {system path: Record}."""
+    fields = out.split(b"\0")
+    records = {}
+    for i in range(0, len(fields) - _FIELDS + 1, _FIELDS):
+        ino, kind, size, mtime, mode, uid, gid, link, path = fields[i : i + _FIELDS]
+        records[b"/" + path] = Record(int(ino), kind.decode(), int(size), _ns(mtime), int(mode, 8),
+                                      int(uid), int(gid), link)
+    return records
+
+
+def _ns(text: bytes) -> int:
+    seconds, _, fraction = text.partition(b".")
+    return int(seconds) * 1_000_000_000 + int((fraction[:9] or b"0").ljust(9, b"0"))
+
+
+_KINDS = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFIFO: "p",
+          stat.S_IFSOCK: "s", stat.S_IFCHR: "c", stat.S_IFBLK: "b"}
+
+
+def live_record(real: bytes) -> Record | None:
+    try:
+        st = os.lstat(real)
+    except OSError:
+        return None
+    kind = _KINDS.get(stat.S_IFMT(st.st_mode), "?")
+    link = os.readlink(real) if kind == "l" else b""
+    return Record(None, kind, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, link)
+
+
+def changed(a: Record, b: Record) -> bool:
+    """Do two records of one path differ?  A shared inode settles it at once."""
+    if a.inode is not None and a.inode == b.inode and a.kind != "d":
+        return False
+    if a.kind != b.kind or (a.mode, a.uid, a.gid) != (b.mode, b.uid, b.gid):
+        return True
+    if a.kind == "f":
+        return (a.size, a.mtime_ns) != (b.size, b.mtime_ns)
+    if a.kind == "l":
+        return a.link != b.link
+    return False  # a directory's own content is its entries, listed on their own
+
+
+def compare(old: dict[bytes, Record], new: dict[bytes, Record]) -> list[tuple[str, bytes]]:
+    """(``+``/``-``/``M``, path) for every path added, removed or changed from ``old`` to ``new``."""
+    out = [("-", p) for p in old.keys() - new.keys()]
+    out += [("+", p) for p in new.keys() - old.keys()]
+    out += [("M", p) for p in old.keys() & new.keys() if changed(old[p], new[p])]
+    out.sort(key=lambda item: item[1])
+    return out
+
+
+def _generation_records(repo: Repository, name: str) -> dict[bytes, Record]:
+    result = repo.transport.run(["find", repo.path(name), "-mindepth", "1", "-printf", FIND_FORMAT], check=False)
+    if result.returncode != 0:
+        logger.warning("listing generation %s: %s", name, first_cause(result.stderr) or f"find exited {result.returncode}")
+    return parse_find(result.stdout)
+
+
+def _live_records(cfg: Config, root: str) -> dict[bytes, Record]:
+    """What a backup would hold now (the selection), with the roots' parent directories."""
+    from jwbackup.generate import load_manifest, make_selector
+
+    manifest = load_manifest(cfg, root)
+    selector = make_selector(cfg, root, manifest)
+    prefix = os.fsencode(root).rstrip(b"/")
+    paths = set(selector.select(cfg.roots))
+    for top in cfg.roots:
+        parent = posixpath.dirname(os.fsencode(top).rstrip(b"/"))
+        while parent not in (b"/", b""):
+            paths.add(parent)
+            parent = posixpath.dirname(parent)
+    paths.discard(b"/")
+    records = {}
+    for path in paths:
+        record = live_record(prefix + path)
+        if record is not None:
+            records[path] = record
+    return records
+
+
+def diff(cfg: Config, root: str, names: list[str], null: bool = False) -> int:
+    """Print what changed from ``names[0]`` to ``names[1]`` (default: the system now)."""
+    if not 1 <= len(names) <= 2:
+        raise UsageError("diff takes one generation (compared with the system now) or two")
+    dest, t, repo = _open(cfg)
+    with t:
+        complete = repo.listing().complete
+        picked = [pick_generation(complete, n) for n in names]
+        old = _generation_records(repo, picked[0])
+        new = _generation_records(repo, picked[1]) if len(picked) == 2 else None
+    if new is None:
+        new = _live_records(cfg, root)
+    sep = b"\0" if null else b"\n"
+    out = sys.stdout.buffer
+    skipped = 0
+    for mark, path in compare(old, new):
+        if not null and b"\n" in path:
+            skipped += 1
+            continue
+        out.write(mark.encode() + b" " + path + sep)
+    out.flush()
+    if skipped:
+        logger.warning("%d paths hold a newline and were left out; use -0", skipped)
+    return EX_OK

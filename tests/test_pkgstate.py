@@ -1,0 +1,110 @@
+"""The package state in every generation, ``jwbackup list`` and ``restore --packages``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from backupenv import System
+from fakeroot import DebianRoot
+from gentooroot import GentooRoot
+from jwbackup import pkgstate
+from jwbackup.restore import package_plan
+
+STATE = b"/var/lib/jwbackup/packages"
+
+
+def read(path) -> str:
+    with open(path, "rb") as f:
+        return f.read().decode()
+
+
+def test_dpkg_state_names_each_package_with_version_and_the_manual_ones(tmp_path):
+    root = DebianRoot(tmp_path / "system")
+    root.package("editor", version="2:9.0-1", files={b"/usr/bin/editor": b"e"})
+    root.package("libthing", version="1.2-3", multi_arch="same", files={b"/usr/lib/x86_64/libthing": b"t"}, auto=True)
+    root.package("libthing", version="1.2-3", arch="i386", multi_arch="same",
+                 files={b"/usr/lib/i386/libthing": b"t"})
+    root.package("helper", version="0.1", auto=True, files={b"/usr/bin/helper": b"h"})
+    root.package("gone", status="deinstall ok config-files", files={b"/etc/gone.conf": b"c"}, conffiles=[b"/etc/gone.conf"])
+    root.write()
+    directory = pkgstate.write(os.fsdecode(root.root))
+    assert directory == os.fsdecode(root.path(STATE))
+    assert read(root.path(STATE + b"/packages")).splitlines() == [
+        "editor 2:9.0-1 amd64", "libthing 1.2-3 amd64", "libthing 1.2-3 i386", "helper 0.1 amd64",
+    ]
+    assert read(root.path(STATE + b"/manual")).splitlines() == ["editor", "libthing:i386"]
+
+
+def test_portage_state_copies_world_files_and_lists_installed_versions(tmp_path):
+    root = GentooRoot(tmp_path / "gentoo")
+    root.package("app-editors/vim-9.0.1-r2", files={b"/usr/bin/vim": b"v"})
+    root.package("dev-libs/libfoo-1.0", files={b"/usr/lib/libfoo.so": b"f"})
+    root.world(["app-editors/vim"])
+    root.world_sets(["@desktop"])
+    root.set("desktop", ["dev-libs/libfoo"])
+    root.write()
+    pkgstate.write(str(root.path))
+    state = root.path / "var/lib/jwbackup/packages"
+    assert (state / "installed").read_text().splitlines() == ["app-editors/vim-9.0.1-r2", "dev-libs/libfoo-1.0"]
+    assert (state / "world").read_text() == "app-editors/vim\n"
+    assert (state / "world_sets").read_text() == "@desktop\n"
+    plan = package_plan(pkgstate.parse({n: (state / n).read_bytes() for n in pkgstate.PORTAGE_FILES}), "G")
+    assert plan[-1] == "emerge --ask --noreplace app-editors/vim @desktop"
+
+
+@pytest.fixture
+def system(tmp_path):
+    system = System(tmp_path)
+    system.root.package("curl", version="7.88.1-10", files={b"/usr/bin/curl": b"curl"})
+    system.root.package("libcurl4", version="7.88.1-10", files={b"/usr/lib/libcurl.so.4": b"lib"}, auto=True)
+    system.root.package("zsh", version="5.9-4", files={b"/usr/bin/zsh": b"zsh"})
+    system.root.write()
+    system.configure()
+    return system
+
+
+def run(jwbackup, system, *args):
+    result = jwbackup("-c", system.config, "--root", system.root_dir, *args)
+    assert result.returncode == 0, result.stderr.decode()
+    return result
+
+
+def test_every_generation_holds_the_package_state_and_list_counts_the_packages(jwbackup, system):
+    run(jwbackup, system, "--dry-run")
+    assert not os.path.exists(system.path(STATE)), "a dry run writes nothing"
+    run(jwbackup, system)
+    first = system.generations()[-1]
+    assert read(system.in_generation(first, STATE + b"/manual")).split() == ["curl", "tool", "zsh"]
+    assert "libcurl4 7.88.1-10 amd64" in read(system.in_generation(first, STATE + b"/packages"))
+    shutil.rmtree(system.in_generation(first, STATE))  # as if made by an older jwbackup
+    run(jwbackup, system)
+    second = system.generations()[-1]
+    table = run(jwbackup, system, "list").stdout.decode().splitlines()
+    assert table[0].split() == ["GENERATION", "FILES", "SIZE", "PACKAGES"]
+    rows = {line.split()[0]: line.split()[-1] for line in table[1:]}
+    assert rows == {second: "4", first: "?"}
+
+
+def test_restore_packages_prints_install_commands_naming_every_manual_package(jwbackup, system):
+    run(jwbackup, system)
+    plan = run(jwbackup, system, "restore", "--packages").stdout.decode().splitlines()
+    assert "apt-get update" in plan
+    install = next(line for line in plan if line.startswith("apt-get install ") and "--mark-auto" not in line)
+    assert install.split()[2:] == ["curl", "tool", "zsh"]
+    assert "apt-get install --mark-auto libcurl4" in plan
+    exact = run(jwbackup, system, "restore", "--packages", "--exact-versions").stdout.decode()
+    assert "apt-get install curl=7.88.1-10 tool=1.0-1 zsh=5.9-4" in exact
+
+
+def test_long_plans_wrap_into_a_shell_command_over_several_lines():
+    state = pkgstate.State("dpkg", packages=[(f"package-{i:03}", "1.0", "amd64") for i in range(40)],
+                           manual=[f"package-{i:03}" for i in range(40)])
+    plan = package_plan(state, "G")
+    start = plan.index(next(line for line in plan if line.startswith("apt-get install")))
+    command = plan[start:]
+    assert all(len(line) <= 78 for line in command)
+    assert all(line.endswith(" \\") for line in command[:-1])
+    assert " ".join(line.rstrip("\\").strip() for line in command).split()[2:] == state.manual

@@ -1,0 +1,178 @@
+"""``jwbackup restore`` and ``jwbackup diff``: the installed command, real rsync, a real sshd."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from backupenv import System
+
+
+def ssh_destination(sshd) -> str:
+    return (f"  host: 127.0.0.1\n  port: {sshd.port}\n  user: {sshd.user}\n"
+            f"  key: {sshd.key}\n  known_hosts: {sshd.known_hosts}\n")
+
+
+def snapshot(top: bytes) -> dict[bytes, tuple]:
+    """What a restore must bring back: kind, mode, owner, mtime, content or link target."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if os.path.islink(path):
+                content = os.readlink(path)
+            elif os.path.isfile(path):
+                with open(path, "rb") as f:
+                    content = f.read()
+            else:
+                content = None
+            state[path[len(top):]] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, content)
+    st = os.lstat(top)
+    state[b"."] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, None)
+    return state
+
+
+@pytest.fixture
+def system(tmp_path):
+    system = System(tmp_path)
+    project = b"/home/alice/project"
+    system.write(project + b"/notes.txt", b"remember the milk\n")
+    system.write(project + b"/bin/run", b"#!/bin/sh\necho run\n")
+    system.write(project + b"/secret", b"42\n")
+    system.write(project + b"/name with\nnewline", b"odd\n")
+    os.symlink(b"bin/run", system.path(project + b"/run"))
+    os.symlink(b"/etc/hostname", system.path(project + b"/hostname"))
+    os.chmod(system.path(project + b"/bin/run"), 0o755)
+    os.chmod(system.path(project + b"/secret"), 0o600)
+    os.chmod(system.path(project + b"/bin"), 0o750)
+    for path in (b"/home/alice", project, project + b"/bin", project + b"/bin/run", project + b"/secret"):
+        os.chown(system.path(path), 1234, 5678)
+    os.lchown(system.path(project + b"/run"), 1234, 5678)
+    for i, path in enumerate([project + b"/notes.txt", project + b"/bin/run", project + b"/bin", project, b"/home/alice"]):
+        os.utime(system.path(path), ns=(1_600_000_000_000_000_000 + i, 1_600_000_000_123_456_789 + i * 1000))
+    for link in (project + b"/run", project + b"/hostname"):
+        os.utime(system.path(link), ns=(1_500_000_000_000_000_000, 1_500_000_000_987_654_321), follow_symlinks=False)
+    os.chmod(system.path(b"/home/alice"), 0o710)
+    return system
+
+
+def run(jwbackup, system, *args):
+    return jwbackup("-c", system.config, "--root", system.root_dir, *args)
+
+
+def backup(jwbackup, system):
+    result = run(jwbackup, system)
+    assert result.returncode == 0, result.stderr.decode()
+    return system.generations()[-1]
+
+
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_deleted_directory_comes_back_with_contents_modes_owners_times_and_symlinks(jwbackup, system, sshd, where):
+    system.configure(destination=ssh_destination(sshd) if where == "ssh" else "")
+    alice, project = system.path(b"/home/alice"), system.path(b"/home/alice/project")
+    before, alice_before = snapshot(project), os.lstat(alice)
+    backup(jwbackup, system)
+    shutil.rmtree(alice)  # the project and the directory above it
+    result = run(jwbackup, system, "restore", "/home/alice/project")
+    assert result.returncode == 0, result.stderr.decode()
+    assert snapshot(project) == before
+    alice_after = os.lstat(alice)  # recreated as it was, though only the project was asked for
+    assert [getattr(alice_after, a) for a in ("st_mode", "st_uid", "st_gid", "st_mtime_ns")] == [
+        getattr(alice_before, a) for a in ("st_mode", "st_uid", "st_gid", "st_mtime_ns")]
+    assert os.listdir(alice) == [b"project"]
+
+
+def test_dry_run_lists_what_would_be_restored_and_changes_nothing(jwbackup, system):
+    system.configure()
+    backup(jwbackup, system)
+    shutil.rmtree(system.path(b"/home/alice/project/bin"))
+    system.write(b"/home/alice/project/notes.txt", b"changed\n")
+    home = system.path(b"/home")
+    before = snapshot(home)
+    result = run(jwbackup, system, "restore", "--dry-run", "/home/alice/project")
+    assert result.returncode == 0, result.stderr.decode()
+    assert snapshot(home) == before
+    assert b"home/alice/project/bin/run" in result.stdout
+    assert b"home/alice/project/notes.txt" in result.stdout
+
+
+def test_restore_deletes_nothing_without_delete(jwbackup, system):
+    system.configure()
+    generation = backup(jwbackup, system)
+    extra = system.write(b"/home/alice/project/new-since-the-backup", b"keep me\n")
+    system.write(b"/home/alice/project/notes.txt", b"overwritten by the restore\n")
+    result = run(jwbackup, system, "restore", "-g", generation, "/home/alice/project")
+    assert result.returncode == 0, result.stderr.decode()
+    assert os.path.exists(extra)
+    with open(system.path(b"/home/alice/project/notes.txt"), "rb") as f:
+        assert f.read() == b"remember the milk\n"
+    result = run(jwbackup, system, "restore", "--delete", "/home/alice/project")
+    assert result.returncode == 0, result.stderr.decode()
+    assert not os.path.exists(extra)
+    assert os.path.exists(system.path(b"/etc/hostname"))  # outside the restored tree: untouched
+
+
+def test_restore_under_another_directory_keeps_the_original_alone(jwbackup, system, tmp_path):
+    system.configure()
+    backup(jwbackup, system)
+    system.write(b"/home/alice/project/notes.txt", b"today's version\n")
+    target = tmp_path / "restored"
+    result = run(jwbackup, system, "restore", "--target", target, "/home/alice/project/notes.txt", "/etc/hostname")
+    assert result.returncode == 0, result.stderr.decode()
+    assert (target / "home/alice/project/notes.txt").read_bytes() == b"remember the milk\n"
+    assert (target / "etc/hostname").read_bytes() == b"box\n"
+    with open(system.path(b"/home/alice/project/notes.txt"), "rb") as f:
+        assert f.read() == b"today's version\n"
+    assert os.stat(target / "home/alice").st_uid == 1234  # missing parents come back as they were
+
+
+def test_unknown_generation_and_missing_path_are_refused_in_one_line(jwbackup, system):
+    system.configure()
+    generation = backup(jwbackup, system)
+    result = run(jwbackup, system, "restore", "-g", "2001-01-01-00:00:00", "/home")
+    assert result.returncode == 64
+    assert result.stderr.decode().strip().splitlines() == [
+        f"jwbackup: error: unknown generation '2001-01-01-00:00:00'; generations: {generation}"
+    ]
+    result = run(jwbackup, system, "restore", "/home/bob")
+    assert result.returncode == 64
+    assert f"not in generation {generation}: /home/bob" in result.stderr.decode()
+
+
+def test_diff_between_generations_lists_added_removed_and_changed_only(jwbackup, system):
+    system.configure()
+    first = backup(jwbackup, system)
+    system.write(b"/home/alice/project/notes.txt", b"remember the eggs\n")
+    os.unlink(system.path(b"/home/alice/project/secret"))
+    system.write(b"/home/alice/new file", b"new\n")
+    os.chmod(system.path(b"/root/.profile"), 0o600)
+    second = backup(jwbackup, system)
+    result = run(jwbackup, system, "diff", first, second)
+    assert result.returncode == 0, result.stderr.decode()
+    lines = set(result.stdout.splitlines())
+    assert b"M /home/alice/project/notes.txt" in lines
+    assert b"- /home/alice/project/secret" in lines
+    assert b"+ /home/alice/new file" in lines
+    assert b"M /root/.profile" in lines
+    assert not [line for line in lines if b"hostname" in line or b"state.db" in line]
+    nul = run(jwbackup, system, "diff", "-0", first, second).stdout.split(b"\0")
+    assert b"M /home/alice/project/name with\nnewline" not in nul  # unchanged: shared inode
+    assert b"- /home/alice/project/secret" in nul
+
+
+def test_diff_against_the_system_now(jwbackup, system):
+    system.configure()
+    generation = backup(jwbackup, system)
+    system.write(b"/home/alice/project/notes.txt", b"longer than it was before\n")
+    os.unlink(system.path(b"/etc/hostname"))
+    system.write(b"/srv/new", b"x\n")
+    result = run(jwbackup, system, "diff", generation)
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stdout.splitlines()
+    assert b"M /home/alice/project/notes.txt" in lines
+    assert b"- /etc/hostname" in lines
+    assert b"+ /srv/new" in lines
+    assert not [line for line in lines if b"state.db" in line or b"/usr/bin/tool" in line]

@@ -1,0 +1,333 @@
+"""Modified package files: full verification behind the stat cache.
+
+Fake Debian and Gentoo roots through ``jwbackup files``, and this machine's own
+dpkg database (the files changed in the tests are put back exactly).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import shutil
+import struct
+import time
+
+import pytest
+
+from fakeroot import DebianRoot
+from gentooroot import GentooRoot
+from jwbackup import verify
+from jwbackup.managers.dpkg import load_manifest
+from jwbackup.managers.portage import Portage
+
+CACHE = b"/var/lib/jwbackup/cache/verify"
+STATS = re.compile(rb"verified (\d+) installed files in [\d.]+ s: (\d+) from the cache, (\d+) hashed \(([^)]*)\), (\d+) modified")
+
+
+def settle():
+    """Let the files just written age past the racy window, so that their digests are cached."""
+    time.sleep(verify.RACY_NS / 1e9 + 0.1)
+
+
+def files(jwbackup, root: bytes, tmp_path, roots=("/",), extra="") -> tuple[list[bytes], bytes]:
+    """(selected system paths, stderr) of ``jwbackup files`` over the fake root."""
+    cfg = tmp_path / "jwbackup.yaml"
+    cfg.write_text("root: [%s]\nprune: []\n%s" % (", ".join(roots), extra))
+    result = jwbackup("-c", cfg, "--root", root, "-L", "INFO", "-l", "-", "files", "-0")
+    assert result.returncode == 0, result.stderr
+    return [p[len(root):] or b"/" for p in result.stdout.split(b"\0")[:-1]], result.stderr
+
+
+def stats(stderr: bytes) -> dict[str, int]:
+    match = STATS.search(stderr)
+    assert match, stderr
+    checked, hits, hashed, _, modified = match.groups()
+    return {"checked": int(checked), "hits": int(hits), "hashed": int(hashed), "modified": int(modified)}
+
+
+@pytest.fixture
+def debian(tmp_path):
+    root = DebianRoot(tmp_path / "system", usrmerge=True)
+    root.package("tool", files={
+        b"/usr/bin/tool": b"#!/bin/sh\necho tool\n",
+        b"/usr/share/doc/tool/README": b"the tool\n",
+        b"/usr/share/tool/big.dat": os.urandom(3 << 20),  # read in several chunks
+        b"/etc/tool.conf": b"setting = 1\n",
+    }, conffiles=[b"/etc/tool.conf"])
+    root.package("nosums", files={b"/usr/share/nosums/data": b"no md5sums file\n"}, md5sums=False)
+    root.write()
+    return root
+
+
+def test_modified_package_file_is_kept_and_unmodified_ones_are_left_out(jwbackup, debian, tmp_path):
+    with open(debian.path(b"/usr/share/doc/tool/README"), "ab") as f:
+        f.write(b"a local note\n")
+    with open(debian.path(b"/usr/share/tool/big.dat"), "r+b") as f:
+        f.seek(2 << 20)
+        f.write(b"X")  # same size, one byte changed in the third chunk
+    selected, stderr = files(jwbackup, debian.root, tmp_path)
+    assert b"/usr/share/doc/tool/README" in selected
+    assert b"/usr/share/tool/big.dat" in selected
+    assert b"/usr/bin/tool" not in selected
+    assert b"/etc/tool.conf" not in selected
+    assert b"/usr/share/nosums/data" not in selected  # no digest recorded: counts as unmodified
+    assert stats(stderr)["modified"] == 2
+    assert b"1 installed files have no recorded digest" in stderr
+
+
+def test_verify_conffiles_checks_only_conffiles_and_none_keeps_every_conffile(jwbackup, debian, tmp_path):
+    with open(debian.path(b"/usr/bin/tool"), "ab") as f:
+        f.write(b"# patched\n")
+    selected, _ = files(jwbackup, debian.root, tmp_path, extra="verify: conffiles\n")
+    assert b"/usr/bin/tool" not in selected and b"/etc/tool.conf" not in selected
+    with open(debian.path(b"/etc/tool.conf"), "ab") as f:
+        f.write(b"mine = 2\n")
+    selected, _ = files(jwbackup, debian.root, tmp_path, extra="verify: conffiles\n")
+    assert b"/etc/tool.conf" in selected and b"/usr/bin/tool" not in selected
+    selected, stderr = files(jwbackup, debian.root, tmp_path, extra="verify: none\n")
+    assert b"/etc/tool.conf" in selected and b"/usr/bin/tool" not in selected
+    assert stats(stderr)["hashed"] == 0
+
+
+def test_second_run_hashes_nothing_and_a_touched_or_changed_file_is_rehashed(jwbackup, debian, tmp_path):
+    settle()
+    first_sel, first = files(jwbackup, debian.root, tmp_path)
+    assert stats(first)["hashed"] == stats(first)["checked"] == 4
+    cache = debian.path(CACHE)
+    assert os.path.isfile(cache)
+    assert os.path.isfile(os.path.join(os.path.dirname(cache), b"CACHEDIR.TAG"))
+    assert not [p for p in first_sel if p.startswith(b"/var/lib/jwbackup/cache")]
+
+    second_sel, second = files(jwbackup, debian.root, tmp_path)
+    assert stats(second) == {"checked": 4, "hits": 4, "hashed": 0, "modified": 0}
+    assert second_sel == first_sel
+
+    # Same content, new mtime: read again, still unmodified.
+    os.utime(debian.path(b"/usr/bin/tool"))
+    settle()
+    third_sel, third = files(jwbackup, debian.root, tmp_path)
+    assert stats(third)["hashed"] == 1 and third_sel == first_sel
+
+    # Changed content with the old mtime put back (as cp -p or tar would): the ctime gives it away.
+    readme = debian.path(b"/usr/share/doc/tool/README")
+    st = os.stat(readme)
+    with open(readme, "r+b") as f:
+        f.write(b"THE")
+    os.utime(readme, ns=(st.st_atime_ns, st.st_mtime_ns))
+    fourth_sel, fourth = files(jwbackup, debian.root, tmp_path)
+    assert stats(fourth)["hashed"] == 1 and stats(fourth)["modified"] == 1
+    assert b"/usr/share/doc/tool/README" in fourth_sel
+
+
+def test_package_upgrade_changes_the_recorded_digest_and_the_verdict_follows(debian, tmp_path):
+    settle()
+    manifest = load_manifest(debian.root)
+    assert verify.check(manifest, debian.root).modified == frozenset()
+    # The package now ships other content; the file on disk is the old one.
+    info = debian.admin(b"info", b"tool.md5sums")
+    with open(info, "rb") as f:
+        sums = f.read()
+    old = hashlib.md5(b"#!/bin/sh\necho tool\n").hexdigest().encode()
+    with open(info, "wb") as f:
+        f.write(sums.replace(old, hashlib.md5(b"new release").hexdigest().encode()))
+    verifier = verify.check(load_manifest(debian.root), debian.root)
+    assert verifier.modified == {b"/usr/bin/tool"}
+    assert verifier.stats.hashed == 0  # the cached digest of the file, compared with the new record
+
+
+DAMAGES = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "a digest changed, the checksum not": lambda data: data[:-32] + b"0" * 32,
+    "a future format": lambda data: b"jwbackup-verify-cache 99 md5\n" + data.split(b"\n", 1)[1],
+    "garbage": lambda data: b"\0\1garbage" * 100,
+}
+
+
+def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(jwbackup, debian, tmp_path):
+    with open(debian.path(b"/usr/share/doc/tool/README"), "ab") as f:
+        f.write(b"local\n")
+    settle()
+    files(jwbackup, debian.root, tmp_path)
+    cache = debian.path(CACHE)
+    with open(cache, "rb") as f:
+        good = f.read()
+    for what, damage in DAMAGES.items():
+        with open(cache, "wb") as f:
+            f.write(damage(good))
+        selected, stderr = files(jwbackup, debian.root, tmp_path)
+        assert b"verification cache" in stderr and b"ignored" in stderr, what
+        assert stats(stderr)["hashed"] == 4, what
+        assert b"/usr/share/doc/tool/README" in selected and b"/usr/bin/tool" not in selected, what
+        # Rewritten whole: the next run trusts it again.
+        _, stderr = files(jwbackup, debian.root, tmp_path)
+        assert b"ignored" not in stderr and stats(stderr)["hashed"] == 0, what
+
+
+def test_cache_records_the_stat_of_the_file_and_its_digest(debian, tmp_path):
+    settle()
+    verify.check(load_manifest(debian.root), debian.root)
+    with open(debian.path(CACHE), "rb") as f:
+        head, counts, body = f.read().split(b"\n", 2)
+    assert head == b"jwbackup-verify-cache 1 md5"
+    records = dict(struct.iter_unpack("<40s32s", body))
+    assert int(counts.split()[0]) == len(records) == 4
+    st = os.stat(debian.path(b"/usr/bin/tool"))
+    key = struct.pack("<QQQqq", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    assert records[key] == hashlib.md5(b"#!/bin/sh\necho tool\n").hexdigest().encode()
+
+
+def test_unwritable_cache_only_costs_a_warning(jwbackup, debian, tmp_path):
+    settle()
+    os.makedirs(debian.path(b"/var/lib/jwbackup"))
+    with open(debian.path(b"/var/lib/jwbackup/cache"), "wb") as f:
+        f.write(b"a file where the cache directory belongs")
+    selected, stderr = files(jwbackup, debian.root, tmp_path)
+    assert b"cannot save the verification cache" in stderr
+    assert b"/usr/bin/tool" not in selected
+
+
+def test_files_outside_the_roots_are_not_hashed(jwbackup, debian, tmp_path):
+    _, stderr = files(jwbackup, debian.root, tmp_path, roots=["/etc"])
+    assert stats(stderr)["hashed"] == 1  # the conffile only
+
+
+def test_excludes_leave_out_modified_files(jwbackup, debian, tmp_path):
+    with open(debian.path(b"/usr/bin/tool"), "ab") as f:
+        f.write(b"# patched\n")
+    cfg = tmp_path / "jwbackup.yaml"
+    cfg.write_text("root: /\n")
+    result = jwbackup("-c", cfg, "--root", debian.root, "excludes", "-0")
+    assert result.returncode == 0, result.stderr
+    rules = set(result.stdout.split(b"\0")[:-1])
+    assert debian.path(b"/usr/bin/tool") not in rules
+    assert debian.path(b"/usr/share/doc/tool/README") in rules
+
+
+# -- portage ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def gentoo(tmp_path):
+    root = GentooRoot(tmp_path / "gentoo")
+    root.package("app-misc/foo-1.0", files={
+        b"/usr/bin/foo": b"#!/bin/sh\necho foo\n",
+        b"/usr/share/foo/data": b"data\n",
+        b"/etc/foo.conf": b"x = 1\n",
+    })
+    root.profile_env(CONFIG_PROTECT="/etc")
+    root.write()
+    return root
+
+
+def test_portage_modified_file_is_kept_even_with_its_recorded_mtime_put_back(jwbackup, gentoo, tmp_path):
+    data = gentoo.join(b"/usr/share/foo/data")
+    with open(data, "r+b") as f:
+        f.write(b"DATA")
+    os.utime(data, (gentoo.mtime, gentoo.mtime))  # the mtime CONTENTS records
+    with open(gentoo.join(b"/etc/foo.conf"), "ab") as f:
+        f.write(b"y = 2\n")
+    selected, stderr = files(jwbackup, os.fsencode(gentoo.path), tmp_path)
+    assert b"/usr/share/foo/data" in selected
+    assert b"/etc/foo.conf" in selected
+    assert b"/usr/bin/foo" not in selected
+    assert stats(stderr)["modified"] == 2
+
+
+def test_portage_manifest_through_the_api_feeds_the_verification(gentoo):
+    manifest = Portage().manifest(str(gentoo.path))
+    assert manifest.get(b"/etc/foo.conf").conffile
+    with open(gentoo.join(b"/usr/bin/foo"), "ab") as f:
+        f.write(b"# local\n")
+    assert verify.check(manifest, str(gentoo.path), cache_file=None).modified == {b"/usr/bin/foo"}
+    assert verify.check(manifest, str(gentoo.path), "conffiles", cache_file=None).modified == frozenset()
+
+
+# -- this machine ----------------------------------------------------------------
+
+REAL_CACHE_DIR = "/var/lib/jwbackup"
+
+
+@pytest.fixture(scope="module")
+def real_system():
+    """The live dpkg system; the verification cache the tests create there is removed afterwards."""
+    if not os.path.exists("/var/lib/dpkg/status"):
+        pytest.skip("needs a dpkg system")
+    existed = os.path.lexists(REAL_CACHE_DIR + "/cache")
+    parent_existed = os.path.lexists(REAL_CACHE_DIR)
+    try:
+        yield
+    finally:
+        if not existed:
+            shutil.rmtree(REAL_CACHE_DIR + "/cache", ignore_errors=True)
+        if not parent_existed and os.path.isdir(REAL_CACHE_DIR) and not os.listdir(REAL_CACHE_DIR):
+            os.rmdir(REAL_CACHE_DIR)
+
+
+def real_files(jwbackup, tmp_path, roots) -> set[bytes]:
+    cfg = tmp_path / "jwbackup.yaml"
+    cfg.write_text("root: [%s]\n" % ", ".join(roots))
+    result = jwbackup("-c", cfg, "files", "-0", timeout=600)
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split(b"\0")[:-1])
+
+
+def md5sums(package: str) -> dict[bytes, str]:
+    sums = {}
+    for name in glob.glob(f"/var/lib/dpkg/info/{package}.md5sums") + glob.glob(f"/var/lib/dpkg/info/{package}:*.md5sums"):
+        with open(name, "rb") as f:
+            for line in f.read().splitlines():
+                md5, _, path = line.partition(b"  ")
+                sums[b"/" + path] = md5.decode()
+    return sums
+
+
+def file_md5(path: bytes) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "md5").hexdigest()
+    except OSError:
+        return None
+
+
+def test_real_modified_doc_file_is_selected_and_its_neighbours_are_not(jwbackup, tmp_path, real_system):
+    candidates = [
+        (path, md5) for path, md5 in md5sums("base-files").items()
+        if path.startswith(b"/usr/share/doc/") and os.path.isfile(path) and not os.path.islink(path)
+        and os.path.realpath(path) == path and file_md5(path) == md5
+    ]
+    if len(candidates) < 2:
+        pytest.skip("base-files ships no pristine doc files here")
+    (target, _), (neighbour, _) = candidates[:2]
+    roots = sorted({os.fsdecode(os.path.dirname(target)), os.fsdecode(os.path.dirname(neighbour))})
+    st = os.stat(target)
+    with open(target, "rb") as f:
+        original = f.read()
+    try:
+        with open(target, "ab") as f:
+            f.write(b"\n# changed by the jwbackup test suite\n")
+        selected = real_files(jwbackup, tmp_path, roots)
+        assert target in selected
+        assert neighbour not in selected
+    finally:
+        with open(target, "wb") as f:
+            f.write(original)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_md5(target) == candidates[0][1]
+    assert target not in real_files(jwbackup, tmp_path, roots)
+
+
+def test_real_package_files_changed_behind_dpkg_are_selected_under_usr(jwbackup, tmp_path, real_system):
+    changed, pristine = [], []
+    for package in ("nodejs", "cmake-data", "ca-certificates", "python3-pip"):
+        for path, md5 in md5sums(package).items():
+            real = os.path.realpath(os.path.dirname(path)) + b"/" + os.path.basename(path)
+            if not real.startswith(b"/usr/") or os.path.islink(real) or not os.path.isfile(real):
+                continue
+            (pristine if file_md5(real) == md5 else changed).append(real)
+    if not changed:
+        pytest.skip("no package file under /usr differs from its md5sum on this machine")
+    selected = real_files(jwbackup, tmp_path, ["/usr"])
+    assert [p for p in changed if p not in selected] == []
+    assert [p for p in pristine[:200] if p in selected] == []
