@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from jwbackup import generations, hooks, rsync, transport
+from jwbackup import generations, hooks, rsync, transfer, transport
+from jwbackup import pkgstate
 from jwbackup.config import Config
 from jwbackup.errors import EX_OK, EX_WARNINGS, ConfigError, JwbackupError, TransferError
 from jwbackup.execute import first_cause
@@ -50,11 +51,12 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
     # hooks: before on entering, on_error on an exception, after once committed
     with Lock(cfg.lock_file), hooks.Runner(cfg.hooks, hooks.describe(dest), enabled=not dry_run) as hook_run:
         manifest = load_manifest(cfg, root)
+        if not dry_run:
+            pkgstate.save(root, cfg.manager)  # lands in the generation: what to reinstall
         selector = make_selector(cfg, root, manifest)
         with transport.connect(dest) as t:
             repo = Repository(t, dest.directory)
-            repo.check()
-            listing = repo.listing()
+            listing = repo.listing()  # one clear error unless a writable directory
             if not dry_run:
                 repo.finish_removals(listing)
             latest = generations.latest_complete(listing)
@@ -71,19 +73,23 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
                 root, t.rsync_target(repo.path(partial)), link_dests,
                 transport_args=t.rsync_args(), dry_run=dry_run, progress=progress,
             )
-            logger.info("backing up %s to %s", ", ".join(cfg.roots), _where(t, repo.path(partial)))
-            result = rsync.transfer(
-                argv, selector.select(cfg.roots), env=t.env(), progress=progress,
-                secrets=[dest.password] if dest.password else [],
-            )
+            builder, why = transfer.choose(cfg.transfer, dest, repo.path(partial), link_dests, dry_run=dry_run)
+            logger.info("backing up %s to %s with %s (%s)", ", ".join(cfg.roots), _where(t, repo.path(partial)), builder, why)
+            if builder == transfer.LINKER:
+                result = transfer.build(root, selector.select(cfg.roots), repo.path(partial), link_dests)
+            else:
+                result = rsync.transfer(
+                    argv, selector.select(cfg.roots), env=t.env(), progress=progress,
+                    secrets=[dest.password] if dest.password else [],
+                )
             if result.walk_error is not None:
                 if isinstance(result.walk_error, JwbackupError):
                     raise result.walk_error
                 raise JwbackupError(f"walking the roots failed: {result.walk_error}") from result.walk_error
             if not result.committable:
-                raise _transfer_error(t, result, partial)
+                raise _transfer_error(t, result, partial, builder)
             for line in result.errors:
-                logger.warning("rsync: %s", line)
+                logger.warning("%s: %s", builder, line)
             if dry_run:
                 sys.stdout.buffer.write(result.output)
                 plan = generations.plan_retention(listing.complete, dest.generations, dest.keep)
@@ -91,22 +97,17 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
                     logger.info("dry run: retention would remove %s", old)
                 return Outcome(None, EX_OK, plan.remove)
 
-            repo.rename(partial, name)
-            repo.set_latest(name)
-            elapsed = time.monotonic() - started
-            repo.write_stats(name, {
+            repo.commit(partial, name, {
                 "files": result.stats.files,
                 "size": result.stats.total_size,
                 "copied": result.stats.transferred,
                 "copied_size": result.stats.transferred_size,
-                "seconds": round(elapsed, 1),
+                "seconds": round(time.monotonic() - started, 1),
             })
-            for old in listing.partial:
-                repo.remove(old)
             plan = generations.plan_retention((name,) + listing.complete, dest.generations, dest.keep)
             for old in plan.remove:
                 logger.info("removing expired generation %s", old)
-                repo.remove(old)
+            repo.remove(*listing.partial, *plan.remove)
 
         status = EX_WARNINGS if result.returncode == rsync.PARTIAL else EX_OK
         _summary(name, result, selector.stats, plan.remove, time.monotonic() - started, status)
@@ -118,14 +119,14 @@ def _where(t, path: str) -> str:
     return path if t.where == "local" else f"{t.where}:{path}"
 
 
-def _transfer_error(t, result: rsync.Result, partial: str) -> JwbackupError:
+def _transfer_error(t, result: rsync.Result, partial: str, builder: str = "rsync") -> JwbackupError:
     stderr = "\n".join(result.errors).encode()
     connection = t.connection_error(stderr) if result.returncode in (12, 255) else None
     if connection is not None:
         return connection
-    line = first_cause(stderr) or f"rsync exited with status {result.returncode}"
-    if not line.startswith("rsync"):
-        line = "rsync: " + line
+    line = first_cause(stderr) or f"{builder} exited with status {result.returncode}"
+    if not line.startswith(builder):
+        line = f"{builder}: " + line
     return TransferError(f"{line} (exit {result.returncode}); {partial} is kept for the next run, earlier generations are untouched")
 
 

@@ -1,9 +1,12 @@
 """The destination directory: its generations, and the few changes made to it.
 
 Every change is one command run through the transport, the same for a local
-directory and an ssh host (``mv``, ``ln``, ``rm``, ``mkdir``, ``find`` from GNU
-coreutils and findutils).  Each is chosen so that an interruption at any point
-leaves the directory in a state the next run understands:
+directory and an ssh host (``mv``, ``ln``, ``rm``, ``find`` from GNU coreutils
+and findutils).  Where one step needs several commands they are run by one
+``sh -c`` with a fixed script and the paths as positional arguments (quoted
+by the transport), so that a run costs a few round trips, not dozens, and no
+shell text is ever built from a path.  Each step is chosen so that an
+interruption at any point leaves a state the next run understands:
 
 * a generation becomes visible by renaming ``<name>.partial`` to ``<name>``;
 * ``latest`` is replaced by renaming a new symlink over it;
@@ -20,12 +23,52 @@ import posixpath
 
 from jwbackup import generations
 from jwbackup.errors import DestinationError
+from jwbackup.execute import CommandError
 from jwbackup.generations import LATEST, Listing
 
 logger = logging.getLogger(__name__)
 
 DELETING_PREFIX = ".deleting-"
 STATS_DIR = ".stats"
+
+# Exit statuses of the scripts below that mean "the destination is not usable".
+_MISSING, _UNWRITABLE, _CLOBBER = 90, 91, 92
+
+_LIST = r"""
+[ -d "$1" ] || exit 90
+[ -w "$1" ] && [ -x "$1" ] || exit 91
+exec find "$1" -mindepth 1 -maxdepth 1 -printf '%y\0%f\0'
+"""
+
+# $1 directory, $2 partial, $3 name, $4 stats (one line of JSON)
+_COMMIT = r"""
+set -e
+cd -- "$1"
+mv -T --no-clobber -- "$2" "$3"
+[ ! -e "$2" ] || exit 92
+rm -f -- .latest.new
+ln -s -- "$3" .latest.new
+mv -T -- .latest.new latest
+mkdir -p -- .stats
+printf '%s\n' "$4" > ".stats/$3.json.new"
+mv -T -- ".stats/$3.json.new" ".stats/$3.json"
+"""
+
+# $1 directory, then names: rename all out of the way first (fast, atomic),
+# then delete; names already renamed by an interrupted run are finished too.
+_REMOVE = r"""
+set -e
+cd -- "$1"
+shift
+for name; do
+    case $name in .deleting-*) ;; *) mv -T -- "$name" ".deleting-$name" ;; esac
+done
+for name; do
+    name=${name#.deleting-}
+    rm -rf --one-file-system -- ".deleting-$name"
+    rm -f -- ".stats/$name.json"
+done
+"""
 
 
 class Repository:
@@ -36,29 +79,34 @@ class Repository:
     def path(self, name: str) -> str:
         return posixpath.join(self.directory, name)
 
-    def _run(self, *argv: str, input: bytes | None = None, check: bool = True):
-        return self.transport.run(list(argv), input=input, check=check)
+    def _where(self) -> str:
+        local = self.transport.where == "local"
+        return self.directory if local else f"{self.transport.where}:{self.directory}"
+
+    def _script(self, script: str, *args: str, check: bool = True):
+        result = self.transport.run(["sh", "-c", script, "sh", *args], check=False)
+        if result.returncode == _MISSING:
+            raise DestinationError(
+                f"destination directory {self._where()} does not exist or is not a directory "
+                "(create it, or run 'jwbackup init')"
+            )
+        if result.returncode == _UNWRITABLE:
+            raise DestinationError(f"destination directory {self._where()} is not writable")
+        if check and result.returncode != 0:
+            raise CommandError(["sh"], result.returncode, result.stderr, where=self._where())
+        return result
 
     def init(self) -> bool:
         """Create the destination directory (mode 0700); False if it existed."""
-        if self._run("test", "-d", self.directory, check=False).returncode == 0:
+        if self.transport.run(["test", "-d", self.directory], check=False).returncode == 0:
             return False
-        self._run("mkdir", "-p", "-m", "0700", "--", self.directory)
+        self.transport.run(["mkdir", "-p", "-m", "0700", "--", self.directory])
         return True
 
-    def check(self) -> None:
-        """Fail with a clear message unless the destination is a writable directory."""
-        where = f"{self.transport.where}:{self.directory}" if self.transport.where != "local" else self.directory
-        if self._run("test", "-d", self.directory, check=False).returncode != 0:
-            raise DestinationError(
-                f"destination directory {where} does not exist or is not a directory "
-                "(create it, or run 'jwbackup init')"
-            )
-        if self._run("test", "-w", self.directory, "-a", "-x", self.directory, check=False).returncode != 0:
-            raise DestinationError(f"destination directory {where} is not writable")
-
     def listing(self) -> Listing:
-        out = self._run("find", self.directory, "-mindepth", "1", "-maxdepth", "1", "-printf", r"%y\0%f\0").stdout
+        """The generations and other entries; fails clearly unless the
+        destination is a writable directory."""
+        out = self._script(_LIST, self.directory).stdout
         fields = out.split(b"\0")
         entries = [
             (name, kind.decode() if kind in (b"d", b"l") else "f")
@@ -66,44 +114,37 @@ class Repository:
         ]
         return generations.scan(entries)
 
-    def rename(self, old: str, new: str) -> None:
-        self._run("mv", "-T", "--no-clobber", "--", self.path(old), self.path(new))
-        if self._run("test", "-e", self.path(old), check=False).returncode == 0:
-            raise DestinationError(f"cannot rename {self.path(old)}: {self.path(new)} exists")
+    def check(self) -> None:
+        """Fail with a clear message unless the destination is a writable directory."""
+        self.listing()
 
-    def set_latest(self, name: str) -> None:
-        """Point ``latest`` at ``name``, atomically."""
-        tmp = self.path(".latest.new")
-        self._run("rm", "-f", "--", tmp)
-        self._run("ln", "-s", "--", name, tmp)
-        self._run("mv", "-T", "--", tmp, self.path(LATEST))
+    def commit(self, partial: str, name: str, stats: dict) -> None:
+        """Make ``partial`` the generation ``name``, point ``latest`` at it, keep its figures."""
+        record = json.dumps({"name": name, **stats}, sort_keys=True)
+        result = self._script(_COMMIT, self.directory, partial, name, record, check=False)
+        if result.returncode == _CLOBBER:
+            raise DestinationError(f"cannot commit {partial}: {self.path(name)} exists")
+        if result.returncode != 0:
+            raise CommandError(["sh"], result.returncode, result.stderr, where=self._where())
 
-    def remove(self, name: str) -> None:
-        """Remove the generation (or partial) ``name``; never follows a symlink."""
-        doomed = self.path(DELETING_PREFIX + name)
-        self._run("mv", "-T", "--", self.path(name), doomed)
-        self._run("rm", "-rf", "--one-file-system", "--", doomed)
-        self._run("rm", "-f", "--", self.path(posixpath.join(STATS_DIR, name + ".json")))
+    def remove(self, *names: str) -> None:
+        """Remove generations or partials; never follows a symlink."""
+        if names:
+            self._script(_REMOVE, self.directory, *names)
 
     def finish_removals(self, listing: Listing) -> None:
         """Complete removals that an earlier, interrupted run started."""
-        for name in listing.other:
-            if name.startswith(DELETING_PREFIX):
-                logger.info("finishing the removal of %s", name[len(DELETING_PREFIX):])
-                self._run("rm", "-rf", "--one-file-system", "--", self.path(name))
-
-    # Per-generation figures, kept beside the generations (a generation itself
-    # mirrors the backed-up system and holds nothing else).
-    def write_stats(self, name: str, stats: dict) -> None:
-        directory = self.path(STATS_DIR)
-        self._run("mkdir", "-p", "--", directory)
-        data = json.dumps({"name": name, **stats}, sort_keys=True).encode() + b"\n"
-        self._run("dd", "status=none", "of=" + posixpath.join(directory, name + ".json"), input=data)
+        leftovers = [name for name in listing.other if name.startswith(DELETING_PREFIX)]
+        if leftovers:
+            logger.info("finishing the removal of %s", ", ".join(n[len(DELETING_PREFIX):] for n in leftovers))
+            self.remove(*leftovers)
 
     def read_stats(self) -> dict[str, dict]:
-        result = self._run(
-            "find", self.path(STATS_DIR), "-maxdepth", "1", "-name", "*.json", "-type", "f",
-            "-exec", "cat", "--", "{}", "+", check=False,
+        """The figures each generation's run recorded, by generation name."""
+        result = self.transport.run(
+            ["find", self.path(STATS_DIR), "-maxdepth", "1", "-name", "*.json", "-type", "f",
+             "-exec", "cat", "--", "{}", "+"],
+            check=False,
         )
         stats = {}
         for line in result.stdout.splitlines():

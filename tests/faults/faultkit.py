@@ -74,10 +74,19 @@ class Seam:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
 
+    # $JWBACKUP_PID: the jwbackup process above this one (it may run the
+    # stand-in directly or through "sh -c").
+    FIND_JWBACKUP = (
+        'JWBACKUP_PID=$PPID\n'
+        'while [ "$JWBACKUP_PID" -gt 1 ] && [ "$(cat /proc/$JWBACKUP_PID/comm 2>/dev/null)" != jwbackup ]; do\n'
+        '    JWBACKUP_PID=$(cut -d" " -f4 /proc/$JWBACKUP_PID/stat)\n'
+        'done\n'
+    )
+
     def program(self, name: str, script: str) -> None:
-        """``name`` runs ``script`` (sh); ``$REAL`` is the real program."""
+        """``name`` runs ``script`` (sh); ``$REAL`` is the real program, ``$JWBACKUP_PID`` the run."""
         path = self.dir / name
-        path.write_text(f"#!{REAL['sh']}\nREAL={REAL[name]}\n{script}\n")
+        path.write_text(f"#!{REAL['sh']}\nREAL={REAL[name]}\n{self.FIND_JWBACKUP}{script}\n")
         path.chmod(0o755)
 
     @property

@@ -64,7 +64,7 @@ def test_jwbackup_killed_during_the_walk(jwbackup, system, tmp_path):
     _many_files(system)
     seam = Seam(tmp_path / "seam")
     # rsync has read one byte of the selection; the walk is blocked on a full pipe
-    seam.program("rsync", 'head -c 1 >/dev/null; kill -KILL $PPID; exit 1')
+    seam.program("rsync", 'head -c 1 >/dev/null; kill -KILL $JWBACKUP_PID; exit 1')
     result = backup(jwbackup, system, ok=False, env=seam.env)
     assert result.returncode == -signal.SIGKILL
     new = _after_the_crash(jwbackup, system, first, before)
@@ -118,7 +118,7 @@ def test_jwbackup_killed_between_the_transfer_and_the_rename(jwbackup, system, t
     first, before = _first_generation(jwbackup, system)
     system.write(b"/home/alice/new.txt", b"new\n")
     seam = Seam(tmp_path / "seam")
-    seam.program("mv", 'case "$*" in *.partial*) kill -KILL $PPID; exit 1;; esac\nexec "$REAL" "$@"')
+    seam.program("mv", 'case "$*" in *.partial*) kill -KILL $JWBACKUP_PID; exit 1;; esac\nexec "$REAL" "$@"')
     result = backup(jwbackup, system, ok=False, env=seam.env)
     assert result.returncode == -signal.SIGKILL
     (partial,) = system.partials()
@@ -131,7 +131,7 @@ def test_jwbackup_killed_between_the_transfer_and_the_rename(jwbackup, system, t
 def test_jwbackup_killed_between_the_rename_and_latest(jwbackup, system, tmp_path):
     first, before = _first_generation(jwbackup, system)
     seam = Seam(tmp_path / "seam")
-    seam.program("ln", 'kill -KILL $PPID; exit 1')
+    seam.program("ln", 'kill -KILL $JWBACKUP_PID; exit 1')
     result = backup(jwbackup, system, ok=False, env=seam.env)
     assert result.returncode == -signal.SIGKILL
     gens = complete_generations(system.dest)
@@ -158,19 +158,20 @@ def test_jwbackup_killed_during_retention(jwbackup, system, tmp_path):
     seam = Seam(tmp_path / "seam")
     # the first removal has deleted part of the tree when jwbackup dies
     seam.program("rm", 'case "$*" in *.deleting-*) for a; do case "$a" in *.deleting-*) '
-                 '"$REAL" -rf "$a/etc";; esac; done; kill -KILL $PPID; exit 1;; esac\nexec "$REAL" "$@"')
+                 '"$REAL" -rf "$a/etc";; esac; done; kill -KILL $JWBACKUP_PID; exit 1;; esac\nexec "$REAL" "$@"')
     result = backup(jwbackup, system, ok=False, env=seam.env)
     assert result.returncode == -signal.SIGKILL
     gens = complete_generations(system.dest)
     newest = gens[-1]
     assert os.readlink(system.dest / "latest") == newest
+    # every expired generation is renamed out of the namespace before any is deleted
     leftovers = [n for n in os.listdir(system.dest) if n.startswith(".deleting-")]
-    assert len(leftovers) == 1
+    assert sorted(leftovers) == [".deleting-" + name for name in old]
     before = snapshot(system.dest)
     listed = jwbackup("-c", system.config, "list", "--json")
     shown = [g["name"] for g in json.loads(listed.stdout)["generations"]]
     assert not any(name.startswith(".deleting-") for name in shown)
-    assert leftovers[0][len(".deleting-"):] not in shown
+    assert not set(old) & set(shown)
     backup(jwbackup, system)
     assert [n for n in os.listdir(system.dest) if n.startswith(".deleting-")] == []
     gens = complete_generations(system.dest)

@@ -1,0 +1,118 @@
+"""Choosing how a generation is built: rsync, or the local linker.
+
+``transfer: auto`` (the default) uses :mod:`jwbackup.transfer.linker` when the
+destination is a local directory on a filesystem with hard links, xattrs and
+POSIX ACLs, and every link-dest is a jwbackup generation on that same
+filesystem; otherwise, and always for ssh destinations and dry runs, rsync.
+``transfer: rsync`` always uses rsync.  Both build identical generations
+(``tests/test_transfer.py`` proves it against the real rsync).
+
+ssh destinations always use rsync: the linker needs the destination's
+filesystem in this process.  A remote linker would run there (``python3 -m
+jwbackup.transfer.linker`` over the ssh master, fed the selection with
+size/mtime/mode/owner/xattrs, reading only changed files' content through the
+same channel) — not built yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import struct
+from typing import Sequence
+
+from jwbackup import generations
+from jwbackup.generations import PARTIAL_SUFFIX
+from jwbackup.transfer.linker import ACL_ACCESS, build
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+RSYNC = "rsync"
+LINKER = "linker"
+MODES = (AUTO, RSYNC)
+PROBE_PREFIX = ".jwbackup-probe-"
+
+__all__ = ["AUTO", "RSYNC", "LINKER", "MODES", "choose", "build", "probe_filesystem"]
+
+
+def _is_generation(path: str) -> bool:
+    name = posixpath.basename(path.rstrip("/"))
+    if name.endswith(PARTIAL_SUFFIX):
+        name = name[: -len(PARTIAL_SUFFIX)]
+    return generations.parse(name) is not None
+
+
+# A POSIX ACL in the kernel's xattr form: user::rw- user:4321:r-- group::r-- mask::r-- other::r--
+_PROBE_ACL = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perm, ident)
+    for tag, perm, ident in ((0x01, 6, 0xFFFFFFFF), (0x02, 4, 4321), (0x04, 4, 0xFFFFFFFF),
+                             (0x10, 4, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF))
+)
+
+
+def probe_filesystem(directory: str) -> str | None:
+    """None when ``directory``'s filesystem has hard links, xattrs and POSIX ACLs;
+    else why not.  Leaves nothing behind."""
+    name = os.path.join(directory, f"{PROBE_PREFIX}{os.getpid()}")
+    link = name + ".link"
+    for path in (name, link):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        return f"cannot create a file in {directory}: {exc.strerror}"
+    try:
+        for what, step in (
+            ("hard links", lambda: os.link(name, link, follow_symlinks=False)),
+            ("extended attributes", lambda: os.setxattr(fd, "user.jwbackup-probe", b"1")),
+            ("trusted extended attributes", lambda: os.setxattr(fd, "trusted.jwbackup-probe", b"1")),
+            ("POSIX ACLs", lambda: os.setxattr(fd, ACL_ACCESS, _PROBE_ACL)),
+        ):
+            try:
+                step()
+            except OSError as exc:
+                return f"no {what} ({exc.strerror})"
+        return None
+    finally:
+        os.close(fd)
+        for path in (name, link):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def choose(mode: str, destination, target: str, link_dests: Sequence[str], dry_run: bool = False) -> tuple[str, str]:
+    """(``LINKER`` or ``RSYNC``, why) for building ``target`` against ``link_dests``."""
+    if mode == RSYNC:
+        return RSYNC, "transfer: rsync"
+    if destination.remote:
+        return RSYNC, "the destination is over ssh"
+    if dry_run:
+        return RSYNC, "dry run"
+    directory = os.path.dirname(target.rstrip("/"))
+    if os.path.lexists(target):
+        return RSYNC, f"{target} exists already"
+    try:
+        dev = os.stat(directory).st_dev
+    except OSError as exc:
+        return RSYNC, f"cannot stat {directory}: {exc.strerror}"
+    for d in link_dests:
+        if not _is_generation(d):
+            return RSYNC, f"{d} is not a jwbackup generation"
+        try:
+            st = os.lstat(d)
+        except OSError as exc:
+            return RSYNC, f"cannot stat {d}: {exc.strerror}"
+        if st.st_dev != dev:
+            return RSYNC, f"{d} is on another filesystem"
+    why = probe_filesystem(directory)
+    if why is not None:
+        return RSYNC, f"{directory}: {why}"
+    return LINKER, "local destination"
+

@@ -1,0 +1,653 @@
+"""Building a generation on a local filesystem, the way ``rsync -aHAX --link-dest`` does.
+
+Each selected path is compared with the same path in the link-dest
+generations, in order, using rsync's own rules (generator.c,
+``try_dests_reg``/``try_dests_non``/``unchanged_attrs``):
+
+* a regular file *matches* when the earlier copy is a regular file of the
+  same size and mtime — rsync's quick check, which never reads content and,
+  with the default ``--modify-window=0``, compares whole seconds only — and
+  *is unchanged* when mode bits, uid, gid, ACL and xattrs are equal too.  An unchanged file is hard-linked.  A match whose attributes
+  differ is copied **from the earlier generation** (not from the source) and
+  given the source's attributes, so a same-size, same-mtime content change is
+  not seen, exactly as rsync does not see it.  Anything else is copied from
+  the source.
+* symlinks (same target), fifos and sockets, devices (same rdev) are
+  hard-linked when unchanged (mtime, owner, xattrs; mode too except for
+  symlinks), else created anew.
+* files sharing an inode in the source (``-H``) share one in the generation:
+  only the first member in rsync's file-list order (files before directories
+  at each level, bytewise names) is compared with the link-dests; if it is not
+  taken from there, the last member is copied from the source; the others
+  are linked to the one placed.
+* directories are created, and given their mode, owner, xattrs, ACLs and
+  mtime after everything else.  Like rsync, a directory, symlink or special
+  file whose new mtime already has the source's whole second keeps it.
+* a listed ``/`` is rsync's ``.``, which brings every entry directly in the
+  root along (directories empty).
+
+Every path is reached through directory descriptors opened with
+``O_NOFOLLOW`` one component at a time, in the source, the destination and the
+earlier generations: a directory replaced by a symlink is never followed.  No
+inode of an earlier generation is ever opened for writing or changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+from jwbackup.rsync import PARTIAL, VANISHED, Result, Stats
+
+logger = logging.getLogger(__name__)
+
+ACL_ACCESS = "system.posix_acl_access"
+ACL_DEFAULT = "system.posix_acl_default"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_CHUNK = 1 << 30
+_NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+MAX_ERROR_LINES = 1000
+
+
+class DestinationWriteError(Exception):
+    """Writing the new generation failed: the run stops, the ``.partial`` stays."""
+
+
+class SourceError(Exception):
+    """One source entry could not be read; it is left out (rsync exit 23)."""
+
+
+class Vanished(Exception):
+    """One source entry disappeared after the walk saw it (rsync exit 24)."""
+
+
+def _sec(ns: int) -> int:
+    """Whole seconds: rsync's default --modify-window=0 compares nothing finer."""
+    return ns // 1_000_000_000
+
+
+def _parts(path: bytes) -> tuple[bytes, ...]:
+    return tuple(p for p in path.split(b"/") if p and p != b".")
+
+
+def rsync_order(parts: tuple[bytes, ...], is_dir: bool) -> tuple:
+    """Sort key of rsync's file list (flist.c ``f_name_cmp``): at each level,
+    non-directories before directories, then names bytewise."""
+    return tuple((1, p) for p in parts[:-1]) + (((1 if is_dir else 0), parts[-1]),)
+
+
+class _Dirs:
+    """Directory descriptors along one path below ``top``, reused between calls.
+
+    Every component is opened with ``O_NOFOLLOW``; walking the paths of a
+    depth-first selection opens each directory once.
+    """
+
+    def __init__(self, top: int, create: bool = False):
+        self.top = top
+        self.create = create
+        self.names: list[bytes] = []
+        self.fds: list[int] = []
+
+    def open(self, parts: Sequence[bytes]) -> int:
+        n = 0
+        limit = min(len(parts), len(self.names))
+        while n < limit and self.names[n] == parts[n]:
+            n += 1
+        while len(self.fds) > n:
+            os.close(self.fds.pop())
+            self.names.pop()
+        for name in parts[n:]:
+            parent = self.fds[-1] if self.fds else self.top
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            self.fds.append(fd)
+            self.names.append(name)
+        return self.fds[-1] if self.fds else self.top
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.pop())
+            self.names.pop()
+
+
+def _attrs_at(fd: int, name: bytes) -> dict[str, bytes]:
+    """``read_attrs`` of ``name`` in the directory open as ``fd``, not following it.
+
+    The xattr calls take no dir_fd: the working directory is moved to ``fd``
+    (the caller restores it), which costs less than resolving a
+    ``/proc/self/fd/N/name`` path.
+    """
+    os.fchdir(fd)
+    return read_attrs(name)
+
+
+def read_attrs(target, follow: bool = False) -> dict[str, bytes]:
+    """Extended attributes rsync -AX carries: all but ``system.*``, plus the POSIX ACLs."""
+    try:
+        names = os.listxattr(target, follow_symlinks=follow) if not isinstance(target, int) else os.listxattr(target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return {}
+        raise
+    attrs = {}
+    for name in names:
+        if name.startswith("system.") and name not in (ACL_ACCESS, ACL_DEFAULT):
+            continue
+        if name.startswith("user.rsync.%"):
+            continue  # rsync's own fake-super records, not copied with a single -X
+        try:
+            attrs[name] = (os.getxattr(target, name) if isinstance(target, int)
+                           else os.getxattr(target, name, follow_symlinks=follow))
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+    return attrs
+
+
+def _same_attrs(a: dict[str, bytes], b: dict[str, bytes], is_link: bool) -> bool:
+    if is_link:  # rsync compares no ACLs on symlinks (they have none)
+        a = {k: v for k, v in a.items() if not k.startswith("system.")}
+        b = {k: v for k, v in b.items() if not k.startswith("system.")}
+    return a == b
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special"  # fifo or socket: rsync does not tell them apart here
+
+
+@dataclass
+class _Entry:
+    path: bytes
+    parts: tuple[bytes, ...]
+    st: os.stat_result
+    attrs: dict[str, bytes]
+    target: bytes | None = None  # symlink target
+
+
+@dataclass
+class _Run:
+    stats: Stats = field(default_factory=Stats)
+    errors: list[str] = field(default_factory=list)
+    vanished: bool = False
+    partial: bool = False
+    walk_error: BaseException | None = None
+
+    def warn(self, line: str) -> None:
+        logger.debug("linker: %s", line)
+        if len(self.errors) < MAX_ERROR_LINES:
+            self.errors.append(line)
+
+
+def _show(path: bytes) -> str:
+    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class Linker:
+    """Builds one generation at ``target`` from ``source`` and the selected paths."""
+
+    def __init__(self, source: str | bytes, target: str | bytes, link_dests: Sequence[str | bytes] = ()):
+        self.source = os.fsencode(source)
+        self.target = os.fsencode(target)
+        self.link_dests = [os.fsencode(d) for d in link_dests]
+
+    def build(self, paths: Iterable[bytes]) -> Result:
+        run = _Run()
+        fds: list[int] = []
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            src_top = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds.append(src_top)
+            try:
+                os.mkdir(self.target, 0o777)
+            except FileExistsError:
+                pass
+            dst_top = os.open(self.target, _DIR_FLAGS)
+            fds.append(dst_top)
+            prev_tops = []
+            for d in self.link_dests:
+                try:
+                    prev_tops.append(os.open(d, _DIR_FLAGS))
+                    fds.append(prev_tops[-1])
+                except OSError as exc:
+                    logger.debug("link-dest %s cannot be opened: %s", _show(d), exc.strerror)
+            self._src = _Dirs(src_top)
+            self._dst = _Dirs(dst_top)
+            self._prev = [_Dirs(fd) for fd in prev_tops]
+            self._leaders = _Dirs(dst_top)
+            self._dirs: list[_Entry] = []
+            self._top_done: set[bytes] = set()
+            groups: dict[tuple[int, int], list[tuple[tuple, _Entry]]] = {}
+            try:
+                for path in self._guarded(run, paths):
+                    self._one(run, path, groups)
+                if run.walk_error is not None:
+                    return Result(PARTIAL, run.stats, run.errors, run.walk_error)
+                self._hard_link_groups(run, groups)
+                self._finish_dirs(run)
+            finally:
+                for dirs in [self._src, self._dst, self._leaders, *self._prev]:
+                    dirs.close()
+        except DestinationWriteError as exc:
+            run.errors.insert(0, f"linker: {exc}")
+            return Result(11, run.stats, run.errors)
+        except OSError as exc:
+            where = f" {_show(os.fsencode(exc.filename))}" if exc.filename else ""
+            run.errors.insert(0, f"linker: cannot build {_show(self.target)}:{where} {exc.strerror}")
+            return Result(11, run.stats, run.errors)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            os.fchdir(cwd)
+            os.close(cwd)
+        code = PARTIAL if run.partial else VANISHED if run.vanished else 0
+        return Result(code, run.stats, run.errors)
+
+    # --- one entry -------------------------------------------------------------
+
+    @staticmethod
+    def _guarded(run: _Run, paths: Iterable[bytes]) -> Iterator[bytes]:
+        """The selection; a failing walk ends it and is kept as ``walk_error``."""
+        it = iter(paths)
+        while True:
+            try:
+                path = next(it)
+            except StopIteration:
+                return
+            except Exception as exc:
+                run.walk_error = exc
+                return
+            yield path
+
+    def _one(self, run: _Run, path: bytes, groups) -> None:
+        parts = _parts(path)
+        if not parts:
+            self._root(run, groups)
+            return
+        if len(parts) == 1 and parts[0] in self._top_done:
+            return
+        try:
+            entry = self._look(parts, path)
+        except Vanished:
+            run.vanished = True
+            run.warn(f'file has vanished: "{_show(path)}"')
+            return
+        except SourceError as exc:
+            run.partial = True
+            run.warn(str(exc))
+            return
+        if stat.S_ISDIR(entry.st.st_mode):
+            try:
+                self._mkdir(run, entry)
+            except Vanished:
+                run.vanished = True
+                run.warn(f'file has vanished: "{_show(path)}"')
+        elif entry.st.st_nlink > 1:
+            key = (entry.st.st_dev, entry.st.st_ino)
+            groups.setdefault(key, []).append((rsync_order(parts, False), entry))
+        else:
+            self._place(run, entry)
+
+    def _root(self, run: _Run, groups) -> None:
+        """The source root itself.  rsync reads a listed ``/`` as ``.``, which
+        (--files-from implies --dirs) also brings every entry directly in it:
+        directories empty, everything else whole."""
+        try:
+            st = os.stat(self._src.top)
+            attrs = read_attrs(self._src.top)
+            names = sorted(os.listdir(self._src.top))
+        except OSError as exc:
+            run.partial = True
+            run.warn(f'cannot read "/": {exc.strerror}')
+            return
+        self._dirs.append(_Entry(b"/", (), st, attrs))
+        run.stats.files += 1
+        for name in names:
+            name = os.fsencode(name)
+            self._one(run, b"/" + name, groups)
+            self._top_done.add(name)
+
+    def _look(self, parts: tuple[bytes, ...], path: bytes) -> _Entry:
+        """The source entry's lstat, xattrs/ACLs and link target."""
+        try:
+            parent = self._src.open(parts[:-1])
+            name = parts[-1]
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            target = os.readlink(name, dir_fd=parent) if stat.S_ISLNK(st.st_mode) else None
+            attrs = _attrs_at(parent, name)
+        except (FileNotFoundError, NotADirectoryError):
+            raise Vanished() from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a directory became a symlink: never followed
+                raise Vanished() from None
+            raise SourceError(f'cannot read "{_show(path)}": {exc.strerror}') from None
+        return _Entry(path, parts, st, attrs, target)
+
+    def _dest_parent(self, run: _Run, parts: tuple[bytes, ...]) -> int:
+        """The destination directory for ``parts``; parents the selection did not
+        list (rsync's implied directories) are created with the source's attributes."""
+        try:
+            return self._dst.open(parts[:-1])
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise DestinationWriteError(f"cannot open {_show(self.target + b'/' + b'/'.join(parts[:-1]))}: {exc.strerror}")
+        for i in range(1, len(parts)):
+            prefix = parts[:i]
+            try:
+                self._dst.open(prefix)
+                continue
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise DestinationWriteError(f"cannot open {_show(self.target + b'/' + b'/'.join(prefix))}: {exc.strerror}")
+            path = b"/" + b"/".join(prefix)
+            try:
+                entry = self._look(prefix, path)
+            except (Vanished, SourceError):
+                entry = None
+            if entry is None or not stat.S_ISDIR(entry.st.st_mode):
+                raise Vanished()
+            self._mkdir(run, entry)
+        return self._dst.open(parts[:-1])
+
+    def _mkdir(self, run: _Run, entry: _Entry) -> None:
+        parent = self._dest_parent(run, entry.parts)
+        try:
+            os.mkdir(entry.parts[-1], 0o700, dir_fd=parent)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise self._dest_error(entry.parts, exc)
+        self._dirs.append(entry)
+        run.stats.files += 1
+
+    def _dest_error(self, parts: tuple[bytes, ...], exc: OSError) -> DestinationWriteError:
+        return DestinationWriteError(f"cannot write {_show(self.target + b'/' + b'/'.join(parts))}: {exc.strerror}")
+
+    # --- matching against earlier generations ----------------------------------
+
+    def _candidates(self, entry: _Entry) -> Iterator[tuple[int, bytes, os.stat_result]]:
+        """(parent fd, name, lstat) of the same path in each link-dest that has it."""
+        for dirs in self._prev:
+            try:
+                parent = dirs.open(entry.parts[:-1])
+                st = os.stat(entry.parts[-1], dir_fd=parent, follow_symlinks=False)
+            except OSError:
+                continue
+            yield parent, entry.parts[-1], st
+
+    def _unchanged(self, entry: _Entry, parent: int, name: bytes, st: os.stat_result) -> bool:
+        """rsync's ``unchanged_attrs`` with -aHAX --numeric-ids, as root."""
+        src = entry.st
+        is_link = stat.S_ISLNK(src.st_mode)
+        if _sec(st.st_mtime_ns) != _sec(src.st_mtime_ns):
+            return False
+        if not is_link and stat.S_IMODE(st.st_mode) != stat.S_IMODE(src.st_mode):
+            return False
+        if st.st_uid != src.st_uid or st.st_gid != src.st_gid:
+            return False
+        try:
+            attrs = _attrs_at(parent, name)
+        except OSError:
+            return False
+        return _same_attrs(entry.attrs, attrs, is_link)
+
+    def _place(self, run: _Run, entry: _Entry, use_link_dests: bool = True, only_link_dests: bool = False) -> bool:
+        """Link or create one non-directory entry; False if it was left out."""
+        try:
+            return self._place_one(run, entry, use_link_dests, only_link_dests)
+        except Vanished:
+            run.vanished = True
+            run.warn(f'file has vanished: "{_show(entry.path)}"')
+        except SourceError as exc:
+            run.partial = True
+            run.warn(str(exc))
+        return False
+
+    def _place_one(self, run: _Run, entry: _Entry, use_link_dests: bool, only_link_dests: bool) -> bool:
+        st = entry.st
+        kind = _kind(st.st_mode)
+        basis = None  # rsync's match_level 2: same size and mtime, other attributes
+        for parent, name, pst in (self._candidates(entry) if use_link_dests else ()):
+            if _kind(pst.st_mode) != kind:
+                continue
+            if kind == "file":
+                if pst.st_size != st.st_size or _sec(pst.st_mtime_ns) != _sec(st.st_mtime_ns):
+                    continue
+            elif kind == "symlink":
+                try:
+                    if os.readlink(name, dir_fd=parent) != entry.target:
+                        continue
+                except OSError:
+                    continue
+            elif pst.st_rdev != st.st_rdev:
+                continue
+            if self._unchanged(entry, parent, name, pst):
+                if self._link_from(entry, parent, name, kind, run):
+                    return True
+                basis = basis or (parent, name)
+                break
+            basis = basis or (parent, name)
+        if only_link_dests and (basis is None or kind != "file"):
+            return False
+        if kind == "file":
+            self._copy(run, entry, basis)
+        else:
+            self._create(run, entry)
+        return True
+
+    def _link_from(self, entry: _Entry, parent: int, name: bytes, kind: str, run: _Run) -> bool:
+        dparent = self._dest_parent(run, entry.parts)
+        try:
+            os.link(name, entry.parts[-1], src_dir_fd=parent, dst_dir_fd=dparent, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.EMLINK:
+                return False  # too many links: rsync copies instead
+            raise self._dest_error(entry.parts, exc)
+        run.stats.files += 1
+        if kind == "file":
+            run.stats.regular_files += 1
+            run.stats.total_size += entry.st.st_size
+        return True
+
+    # --- creating entries -------------------------------------------------------
+
+    def _copy(self, run: _Run, entry: _Entry, basis: tuple[int, bytes] | None) -> None:
+        """A new regular file: content from ``basis`` (an earlier generation's file
+        that rsync's quick check calls up to date) or from the source."""
+        rfd = -1
+        if basis is not None:
+            try:
+                rfd = os.open(basis[1], _READ_FLAGS, dir_fd=basis[0])
+            except OSError:
+                pass  # the earlier copy is unreadable: take the source's content
+        if rfd < 0:
+            try:
+                rfd = os.open(entry.parts[-1], _READ_FLAGS, dir_fd=self._src.open(entry.parts[:-1]))
+            except (FileNotFoundError, NotADirectoryError):
+                raise Vanished() from None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise Vanished() from None
+                raise SourceError(f'cannot read "{_show(entry.path)}": {exc.strerror}') from None
+        try:
+            if not stat.S_ISREG(os.fstat(rfd).st_mode):
+                raise Vanished()  # replaced by something else since the walk
+            dparent = self._dest_parent(run, entry.parts)
+            name = entry.parts[-1]
+            try:
+                wfd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=dparent)
+                # until its real time is set last, an interrupted copy must not
+                # pass the next run's quick check against this .partial
+                os.utime(wfd, ns=(0, 0))
+            except OSError as exc:
+                raise self._dest_error(entry.parts, exc)
+            try:
+                copied = self._content(rfd, wfd, entry)
+                self._attrs_fd(wfd, entry)
+            except BaseException:
+                os.close(wfd)
+                wfd = -1
+                try:
+                    os.unlink(name, dir_fd=dparent)
+                except OSError:
+                    pass
+                raise
+            finally:
+                if wfd >= 0:
+                    os.close(wfd)
+        finally:
+            os.close(rfd)
+        run.stats.files += 1
+        run.stats.regular_files += 1
+        run.stats.total_size += entry.st.st_size
+        run.stats.transferred += 1
+        run.stats.transferred_size += copied
+
+    def _content(self, rfd: int, wfd: int, entry: _Entry) -> int:
+        total = 0
+        use_range = True
+        while True:
+            if use_range:
+                try:
+                    n = os.copy_file_range(rfd, wfd, _CHUNK)
+                except OSError as exc:
+                    use_range = False
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+                        raise self._dest_error(entry.parts, exc)
+                    continue  # unsupported here, or an I/O error: read/write tells whose
+            else:
+                try:
+                    data = os.read(rfd, 1 << 20)
+                except OSError as exc:
+                    raise SourceError(f'read errors mapping "{_show(entry.path)}": {exc.strerror}') from None
+                n = len(data)
+                view = memoryview(data)
+                while view:
+                    try:
+                        view = view[os.write(wfd, view):]
+                    except OSError as exc:
+                        raise self._dest_error(entry.parts, exc)
+            if n == 0:
+                return total
+            total += n
+
+    def _attrs_fd(self, fd: int, entry: _Entry) -> None:
+        st = entry.st
+        try:
+            os.fchown(fd, st.st_uid, st.st_gid)
+            for name, value in entry.attrs.items():
+                os.setxattr(fd, name, value)
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        except OSError as exc:
+            raise self._dest_error(entry.parts, exc)
+
+    def _create(self, run: _Run, entry: _Entry) -> None:
+        st = entry.st
+        dparent = self._dest_parent(run, entry.parts)
+        name = entry.parts[-1]
+        try:
+            if stat.S_ISLNK(st.st_mode):
+                os.symlink(entry.target, name, dir_fd=dparent)
+            else:
+                os.mknod(name, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=dparent)
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=dparent, follow_symlinks=False)
+            if entry.attrs:
+                os.fchdir(dparent)
+            for attr, value in entry.attrs.items():
+                os.setxattr(name, attr, value, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dparent)
+            now = os.stat(name, dir_fd=dparent, follow_symlinks=False).st_mtime_ns
+            if _sec(now) != _sec(st.st_mtime_ns):  # rsync leaves a time it deems equal
+                os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dparent, follow_symlinks=False)
+        except OSError as exc:
+            raise self._dest_error(entry.parts, exc)
+        run.stats.files += 1
+
+    # --- after the walk -----------------------------------------------------------
+
+    def _hard_link_groups(self, run: _Run, groups) -> None:
+        """Source hard-link groups (-H): the first member in rsync's order is placed,
+        the rest are linked to it."""
+        for members in groups.values():
+            members.sort(key=lambda m: m[0])
+            entries = [entry for _, entry in members]
+            if len(entries) == 1:
+                self._place(run, entries[0])
+                continue
+            # rsync (hlink.c, generator.c): only the first member is compared with
+            # the link-dests; when it is not linked or copied from there, the last
+            # member is transferred and the others are linked to it.
+            leader = entries[0] if self._place(run, entries[0], only_link_dests=True) else None
+            if leader is None:
+                for entry in reversed(entries):
+                    if self._place(run, entry, use_link_dests=False):
+                        leader = entry
+                        break
+            if leader is None:
+                continue
+            for entry in entries:
+                if entry is leader:
+                    continue
+                try:
+                    self._link_member(run, leader, entry)
+                except Vanished:
+                    run.vanished = True
+                    run.warn(f'file has vanished: "{_show(entry.path)}"')
+
+    def _link_member(self, run: _Run, leader: _Entry, entry: _Entry) -> None:
+        try:
+            lparent = self._leaders.open(leader.parts[:-1])
+        except OSError as exc:
+            raise self._dest_error(leader.parts, exc)
+        dparent = self._dest_parent(run, entry.parts)
+        try:
+            os.link(leader.parts[-1], entry.parts[-1], src_dir_fd=lparent, dst_dir_fd=dparent,
+                    follow_symlinks=False)
+        except OSError as exc:
+            raise self._dest_error(entry.parts, exc)
+        run.stats.files += 1
+        if stat.S_ISREG(entry.st.st_mode):
+            run.stats.regular_files += 1
+            run.stats.total_size += entry.st.st_size
+
+    def _finish_dirs(self, run: _Run) -> None:
+        """Directory attributes last, deepest first, as rsync does: creating the
+        entries inside would change the mtime, a default ACL would be inherited."""
+        for entry in reversed(self._dirs):
+            try:
+                fd = self._dst.open(entry.parts) if entry.parts else self._dst.top
+            except OSError as exc:
+                raise self._dest_error(entry.parts, exc)
+            st = entry.st
+            try:
+                os.fchown(fd, st.st_uid, st.st_gid)
+                for name, value in entry.attrs.items():
+                    os.setxattr(fd, name, value)
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+                if _sec(os.fstat(fd).st_mtime_ns) != _sec(st.st_mtime_ns):  # as rsync: equal seconds are left
+                    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            except OSError as exc:
+                raise self._dest_error(entry.parts, exc)
+
+
+def build(source: str | bytes, paths: Iterable[bytes], target: str | bytes,
+          link_dests: Sequence[str | bytes] = ()) -> Result:
+    """Build the generation ``target`` from the ``paths`` selected under ``source``."""
+    return Linker(source, target, link_dests).build(paths)

@@ -1,0 +1,470 @@
+"""The local linker builds exactly the generations ``rsync -aHAX --link-dest`` builds.
+
+Two chains of generations are built from the same source tree through a
+sequence of changes, one by the real rsync command line of ``jwbackup.rsync``
+and one by ``jwbackup.transfer.linker``, and compared after every step:
+content, mode, owner, mtime (directories and symlinks too), xattrs, ACLs,
+symlink targets, device numbers, which paths share an inode within the
+generation and which are shared with each earlier generation.  Earlier
+generations must stay exactly as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from backupenv import System
+from jwbackup import rsync
+from jwbackup.managers import Manifest
+from jwbackup.select import Selector
+from jwbackup.transfer import LINKER, RSYNC, choose, probe_filesystem
+from jwbackup.transfer.linker import build, read_attrs
+
+MTIME = 1_600_000_000_123_456_789
+HOSTILE = [b"new\nline", b"latin1-\xe9t\xe9", b"-leading-dash", b"with space", b"tab\there"]
+
+
+# --- building both ways -------------------------------------------------------------
+
+
+UNLISTED = (b"/top-file", b"/top-dir")  # left out of the selection, yet brought by "/" (see linker._root)
+
+
+def selection(src: Path) -> list[bytes]:
+    return [p for p in Selector(Manifest(), os.fsencode(src)).select(["/"])
+            if not any(p == u or p.startswith(u + b"/") for u in UNLISTED)]
+
+
+def settle(src: Path) -> None:
+    """Give every entry touched in the last minute a fixed old mtime.
+
+    rsync compares whole seconds (--modify-window=0) and leaves a directory,
+    symlink or special file with the time it got on creation when that falls
+    in the same second as the source's: a source time of "now" makes rsync's
+    own result depend on the clock.
+    """
+    recent = time.time() - 60
+    for i, (rel, st) in enumerate(sorted(entries(src).items())):
+        if st.st_mtime > recent:
+            path = os.fsencode(src) + (rel if rel != b"/" else b"")
+            t = MTIME - 10_000_000_000_000 + i * 1_000_000_007
+            os.utime(path, ns=(t, t), follow_symlinks=False)
+
+
+def build_rsync(src: Path, target: Path, link_dests: list[Path], paths: list[bytes]) -> rsync.Result:
+    argv = rsync.make_command(str(src), str(target), [str(d) for d in link_dests])
+    return rsync.transfer(argv, paths)
+
+
+def build_linker(src: Path, target: Path, link_dests: list[Path], paths: list[bytes]) -> rsync.Result:
+    return build(str(src), paths, str(target), [str(d) for d in link_dests])
+
+
+# --- what a generation is -----------------------------------------------------------
+
+
+def entries(top: Path) -> dict[bytes, os.stat_result]:
+    top = os.fsencode(top)
+    found = {b"/": os.lstat(top)}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            found[path[len(top):]] = os.lstat(path)
+    return found
+
+
+def describe(top: Path) -> dict[bytes, tuple]:
+    """Every entry's content and metadata, inode numbers left out."""
+    top_b = os.fsencode(top)
+    result = {}
+    for rel, st in entries(top).items():
+        path = top_b + (rel if rel != b"/" else b"")
+        if stat.S_ISREG(st.st_mode):
+            with open(path, "rb") as f:
+                content = f.read()
+        elif stat.S_ISLNK(st.st_mode):
+            content = os.readlink(path)
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            content = st.st_rdev
+        else:
+            content = None
+        result[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                       st.st_mtime_ns, content, sorted(read_attrs(path).items()))
+    return result
+
+
+def structure(gens: list[Path]) -> tuple[list, dict]:
+    """Which paths share an inode in the newest generation, and which of its paths
+    share their inode with each earlier generation (by path there)."""
+    newest = entries(gens[-1])
+    groups: dict[int, list[bytes]] = {}
+    for rel, st in newest.items():
+        if not stat.S_ISDIR(st.st_mode):
+            groups.setdefault(st.st_ino, []).append(rel)
+    inside = sorted(sorted(g) for g in groups.values() if len(g) > 1)
+    shared = {}
+    for i, gen in enumerate(gens[:-1]):
+        by_ino: dict[int, list[bytes]] = {}
+        for rel, st in entries(gen).items():
+            by_ino.setdefault(st.st_ino, []).append(rel)
+        shared[i] = sorted((rel, sorted(by_ino[st.st_ino])) for rel, st in newest.items() if st.st_ino in by_ino)
+    return inside, shared
+
+
+def frozen(top: Path) -> dict:
+    """An earlier generation as it must stay: description plus inode numbers."""
+    return {rel: (desc, os.lstat(os.fsencode(top) + (rel if rel != b"/" else b"")).st_ino)
+            for rel, desc in describe(top).items()}
+
+
+# --- the source tree and its changes ------------------------------------------------
+
+
+def write(path: Path, content: bytes, mode=0o644, mtime=MTIME, owner=(0, 0)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    os.chown(path, *owner)
+    os.chmod(path, mode)
+    os.utime(path, ns=(mtime, mtime))
+
+
+def setfacl(*args) -> None:
+    subprocess.run(["setfacl", *map(os.fsdecode, args)], check=True)
+
+
+def keep_mtime(path: Path, change) -> None:
+    st = os.lstat(path)
+    change()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def initial(src: Path) -> None:
+    write(src / "etc/hostname", b"box\n")
+    write(src / "etc/same-size", b"aaaa\n")
+    write(src / "etc/same-size-chmod", b"bbbb\n")
+    write(src / "etc/chmod", b"c\n")
+    write(src / "etc/chown", b"o\n", owner=(1234, 5678))
+    write(src / "etc/xattr", b"x\n")
+    os.setxattr(src / "etc/xattr", "user.colour", b"blue")
+    os.setxattr(src / "etc/xattr", "trusted.level", b"1")
+    write(src / "etc/acl", b"a\n")
+    setfacl("-m", "u:4321:r", src / "etc/acl")
+    write(src / "etc/mtime", b"m\n")
+    write(src / "etc/mtime-seconds", b"m\n")
+    write(src / "top-file", b"top\n")
+    write(src / "top-dir/inside", b"not brought\n")
+    write(src / "listed-top", b"listed\n")
+    write(src / "etc/secret", b"s\n", mode=0o4750, owner=(0, 42))
+    write(src / "home/alice/notes", b"notes\n" * 1000, owner=(1000, 1000))
+    for name in HOSTILE:
+        write(src / "home/alice" / os.fsdecode(name), name, owner=(1000, 1000))
+    write(src / "srv/was-file", b"file\n")
+    write(src / "srv/was-dir/inner", b"inner\n")
+    os.symlink("target", src / "srv/was-link")
+    os.symlink("/etc/hostname", src / "srv/link")
+    os.lchown(src / "srv/link", 7, 8)
+    os.utime(src / "srv/link", ns=(MTIME, MTIME), follow_symlinks=False)
+    (src / "srv/empty").mkdir()
+    os.mkfifo(src / "srv/fifo")
+    os.mknod(src / "srv/null", 0o640 | stat.S_IFCHR, os.makedev(1, 3))
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(os.fsdecode(src / "srv/socket"))
+    sock.close()
+    write(src / "srv/group/a", b"shared\n")
+    os.link(src / "srv/group/a", src / "srv/group/b")
+    os.link(src / "srv/group/a", src / "srv/other-group-member")
+    write(src / "srv/split/a", b"one\n")
+    os.link(src / "srv/split/a", src / "srv/split/b")
+    write(src / "srv/forming/a", b"form\n")
+    write(src / "srv/forming/b", b"form\n")
+    write(src / "srv/leader/z", b"lead\n")
+    write(src / "srv/leader/sub/x", b"LEAD\n")
+    write(src / "srv/deleted-later", b"gone soon\n")
+    write(src / "srv/comes-back", b"back\n")
+    (src / "srv/default-acl").mkdir()
+    setfacl("-d", "-m", "u:4321:rwx", src / "srv/default-acl")
+    write(src / "srv/default-acl/file", b"inherits nothing in a backup\n")
+    write(src / "var/ro/file", b"ro\n")
+    os.chmod(src / "var/ro", 0o500)
+    os.chown(src / "var/ro", 99, 99)
+    (src / "var/sticky").mkdir()
+    os.chmod(src / "var/sticky", 0o1777)
+    os.setxattr(src / "var/sticky", "user.dir", b"attr")
+    for d in ["etc", "home/alice", "srv/group", "var"]:
+        os.utime(src / d, ns=(MTIME + 5, MTIME + 5))
+
+
+def step_changes(src: Path) -> None:
+    """Every kind of change jwbackup must back up as rsync does."""
+    write(src / "etc/hostname", b"box2\nlonger\n")  # content and size
+    keep_mtime(src / "etc/same-size", lambda: (src / "etc/same-size").write_bytes(b"AAAA\n"))
+
+    def content_and_mode():
+        (src / "etc/same-size-chmod").write_bytes(b"BBBB\n")
+        os.chmod(src / "etc/same-size-chmod", 0o600)
+    keep_mtime(src / "etc/same-size-chmod", content_and_mode)
+    keep_mtime(src / "etc/chmod", lambda: os.chmod(src / "etc/chmod", 0o600))
+    keep_mtime(src / "etc/chown", lambda: os.chown(src / "etc/chown", 1234, 9999))
+    keep_mtime(src / "etc/xattr", lambda: os.setxattr(src / "etc/xattr", "user.colour", b"red"))
+    keep_mtime(src / "etc/acl", lambda: setfacl("-m", "u:4321:rw", src / "etc/acl"))
+    os.utime(src / "etc/mtime", ns=(MTIME, MTIME + 1))  # nanoseconds only: rsync sees no change
+    os.utime(src / "etc/mtime-seconds", ns=(MTIME, MTIME + 2_000_000_000))
+    # type changes
+    (src / "srv/was-file").unlink()
+    (src / "srv/was-file").mkdir()
+    write(src / "srv/was-file/now-inside", b"inside\n")
+    (src / "srv/was-dir/inner").unlink()
+    (src / "srv/was-dir").rmdir()
+    os.symlink("elsewhere", src / "srv/was-dir")
+    (src / "srv/was-link").unlink()
+    write(src / "srv/was-link", b"was a link\n")
+    # hard-link groups
+    (src / "srv/split/b").unlink()
+    write(src / "srv/split/b", b"one\n")
+    (src / "srv/forming/b").unlink()
+    os.link(src / "srv/forming/a", src / "srv/forming/b")
+    (src / "srv/deleted-later").unlink()
+    (src / "srv/comes-back").rename(src / "comes-back.away")
+    # leader order: z (a file) precedes sub/x (in a directory): z decides
+    write(src / "srv/leader/z", b"LEAD\n")
+    os.link(src / "srv/leader/z", src / "srv/leader/sub/x.new")
+    os.rename(src / "srv/leader/sub/x.new", src / "srv/leader/sub/x")
+    write(src / "srv/new-dir/new-file", b"new\n")
+    (src / "srv/new-empty").mkdir()
+    os.utime(src / "srv/fifo", ns=(MTIME, MTIME))
+    os.unlink(src / "srv/null")
+    os.mknod(src / "srv/null", 0o640 | stat.S_IFCHR, os.makedev(1, 5))
+
+
+def step_more(src: Path) -> None:
+    """Back from two generations ago, symlink retargeted at the same mtime, group splits."""
+    (src / "comes-back.away").rename(src / "srv/comes-back")
+    link = src / "srv/link"
+    st = os.lstat(link)
+    link.unlink()
+    os.symlink("/etc/other", link)
+    os.lchown(link, 7, 8)
+    os.utime(link, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    (src / "srv/group/b").unlink()
+    write(src / "srv/group/b", b"shared\n")
+    keep_mtime(src / "var/ro/file", lambda: os.chmod(src / "var/ro/file", 0o400))
+    keep_mtime(src / "srv/other-group-member", lambda: os.chmod(src / "srv/other-group-member", 0o600))
+
+
+def step_none(src: Path) -> None:
+    pass
+
+
+# --- the differential test --------------------------------------------------------------
+
+
+@pytest.fixture
+def world(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    initial(src)
+    return tmp_path, src
+
+
+def test_linker_builds_what_rsync_link_dest_builds_through_every_kind_of_change(world):
+    tmp, src = world
+    chains = {"rsync": [], "linker": []}
+    builders = {"rsync": build_rsync, "linker": build_linker}
+    for step, change in enumerate([step_none, step_changes, step_more, step_none]):
+        change(src)
+        settle(src)
+        paths = selection(src)
+        before = {way: [frozen(g) for g in gens] for way, gens in chains.items()}
+        for way, gens in chains.items():
+            target = tmp / way / f"gen{step}"
+            target.parent.mkdir(exist_ok=True)
+            result = builders[way](src, target, list(reversed(gens[-2:])), paths)
+            assert result.returncode == 0, (way, step, result.errors)
+            gens.append(target)
+        r, linked = chains["rsync"], chains["linker"]
+        assert describe(linked[-1]) == describe(r[-1]), f"step {step}"
+        assert structure(linked) == structure(r), f"step {step}"
+        for way, gens in chains.items():
+            assert [frozen(g) for g in gens[:-1]] == before[way], f"{way} changed an earlier generation at step {step}"
+    last = chains["linker"]
+    # what rsync's quick check does, spelled out: same size and mtime is "unchanged"
+    assert (last[1] / "etc/same-size").read_bytes() == b"aaaa\n"
+    assert os.lstat(last[1] / "etc/same-size").st_ino == os.lstat(last[0] / "etc/same-size").st_ino
+    # ... and a mode change on such a file copies the earlier generation's content
+    assert (last[1] / "etc/same-size-chmod").read_bytes() == b"bbbb\n"
+    assert os.lstat(last[1] / "etc/same-size-chmod").st_mode & 0o777 == 0o600
+    assert os.lstat(last[1] / "etc/same-size-chmod").st_ino != os.lstat(last[0] / "etc/same-size-chmod").st_ino
+    # nanoseconds alone are no change to rsync: linked, the earlier time kept
+    assert os.lstat(last[1] / "etc/mtime").st_ino == os.lstat(last[0] / "etc/mtime").st_ino
+    assert os.lstat(last[1] / "etc/mtime").st_mtime_ns == MTIME
+    assert os.lstat(last[1] / "etc/mtime-seconds").st_mtime_ns == MTIME + 2_000_000_000
+    # a listed "/" brings what is directly in it, directories empty
+    assert (last[0] / "top-file").read_bytes() == b"top\n"
+    assert (last[0] / "top-dir").is_dir() and not (last[0] / "top-dir/inside").exists()
+    # an unchanged second run shares every non-directory with the one before
+    newest, previous = entries(last[3]), entries(last[2])
+    for rel, st in newest.items():
+        if not stat.S_ISDIR(st.st_mode):
+            assert st.st_ino == previous[rel].st_ino, rel
+
+
+def test_linker_never_follows_a_directory_replaced_by_a_symlink(tmp_path):
+    src = tmp_path / "src"
+    write(src / "data/file", b"mine\n")
+    outside = tmp_path / "outside"
+    write(outside / "file", b"not to be copied\n")
+    paths = selection(src)
+    (src / "data/file").unlink()
+    (src / "data").rmdir()
+    os.symlink(outside, src / "data")
+    result = build_linker(src, tmp_path / "gen", [], paths)
+    assert result.returncode == 24
+    assert any("vanished" in line for line in result.errors)
+    # the symlink itself is backed up (it is directly in "/"), nothing below it
+    assert os.readlink(tmp_path / "gen/data") == str(outside)
+    assert os.listdir(outside) == ["file"]
+    assert (outside / "file").read_bytes() == b"not to be copied\n"
+
+
+def test_vanished_file_is_a_warning_like_rsync_exit_24(tmp_path):
+    src = tmp_path / "src"
+    write(src / "here", b"1\n")
+    paths = selection(src) + [b"/gone"]
+    result = build_linker(src, tmp_path / "gen", [], paths)
+    assert result.returncode == 24 and result.committable
+    assert result.errors == ['file has vanished: "/gone"']
+    assert (tmp_path / "gen/here").read_bytes() == b"1\n"
+
+
+def test_full_destination_fails_with_one_line_and_keeps_earlier_generation(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], check=True)
+    try:
+        src = tmp_path / "src"
+        write(src / "small", b"1\n")
+        assert build_linker(src, mnt / "g1", [], selection(src)).returncode == 0
+        before = frozen(mnt / "g1")
+        write(src / "big", os.urandom(2 << 20))
+        result = build_linker(src, mnt / "g2", [mnt / "g1"], selection(src))
+        assert not result.committable
+        assert "No space left on device" in result.errors[0] and result.errors[0].startswith("linker: ")
+        assert frozen(mnt / "g1") == before
+    finally:
+        subprocess.run(["umount", "-l", mnt], check=False)
+
+
+def test_choice_uses_the_linker_only_for_a_capable_local_filesystem(tmp_path):
+    from jwbackup.config import Destination
+
+    local = Destination(directory=str(tmp_path))
+    remote = Destination(directory=str(tmp_path), host="example.org")
+    gen = tmp_path / "2024-01-01-00:00:00"
+    gen.mkdir()
+    target = str(tmp_path / "2024-01-02-00:00:00.partial")
+    assert choose("auto", local, target, [str(gen)])[0] == LINKER
+    assert choose("rsync", local, target, [str(gen)])[0] == RSYNC
+    assert choose("auto", remote, target, [str(gen)])[0] == RSYNC
+    assert choose("auto", local, target, [str(gen)], dry_run=True)[0] == RSYNC
+    assert choose("auto", local, target, [str(tmp_path)])[0] == RSYNC  # not a generation
+    assert probe_filesystem(str(tmp_path)) is None
+    assert os.listdir(tmp_path) == [gen.name]  # the probe left nothing behind
+    elsewhere = Path(tempfile.mkdtemp(dir="/dev/shm")) / gen.name
+    try:
+        elsewhere.mkdir()
+        assert choose("auto", local, target, [str(elsewhere)]) == (RSYNC, f"{elsewhere} is on another filesystem")
+    finally:
+        shutil.rmtree(elsewhere.parent)
+
+
+# --- end to end, through the jwbackup command ------------------------------------------
+
+
+def test_jwbackup_with_transfer_auto_and_rsync_writes_identical_generations(jwbackup, tmp_path):
+    systems = {}
+    for way in ("rsync", "auto"):
+        (tmp_path / way).mkdir()
+        system = System(tmp_path / way)
+        system.configure(extra=f"transfer: {way}\n")
+        systems[way] = system
+    # the same source for both: the "auto" system backs up the "rsync" system's root
+    source = systems["rsync"].root_dir
+    srv = Path(source) / "srv"
+    initial(srv)
+    (Path(source) / "var/lib/jwbackup/packages").mkdir(parents=True, exist_ok=True)
+    settle(Path(source))
+    logs = {}
+
+    def run_both():
+        for way, system in systems.items():
+            log = tmp_path / f"{way}.log"
+            result = jwbackup("-c", system.config, "--root", source, log_file=log)
+            assert result.returncode == 0, result.stderr.decode()
+            logs[way] = log.read_text()
+
+    run_both()
+    step_changes(srv)
+    settle(Path(source))
+    run_both()
+    assert "with rsync (transfer: rsync)" in logs["rsync"]
+    assert "with linker (local destination)" in logs["auto"]
+    gens = {way: [system.dest / g for g in system.generations()] for way, system in systems.items()}
+    assert len(gens["auto"]) == len(gens["rsync"]) == 2
+    for i in range(2):
+        assert without_own_state(describe(gens["auto"][i])) == without_own_state(describe(gens["rsync"][i]))
+    inside, shared = structure(gens["auto"])
+    assert (inside, {k: without_own_state(dict(v)) for k, v in shared.items()}) == (
+        lambda s: (s[0], {k: without_own_state(dict(v)) for k, v in s[1].items()}))(structure(gens["rsync"]))
+
+
+def without_own_state(tree: dict) -> dict:
+    """Leave out what jwbackup itself writes into the system at the start of each
+    run (its package list), which differs between the two runs being compared."""
+    own = b"/var/lib/jwbackup"
+    return {k: v for k, v in tree.items() if not (k == own or k.startswith(own + b"/"))}
+
+
+def test_unreadable_file_commits_with_a_warning_as_rsync_exit_23(jwbackup, tmp_path):
+    """Without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH a mode-000 file of another user cannot be read."""
+    results = {}
+    gens = {}
+    source = None
+    for way in ("rsync", "auto"):
+        (tmp_path / way).mkdir()
+        system = System(tmp_path / way)
+        system.configure(extra=f"transfer: {way}\n")
+        if source is None:
+            source = system.root_dir
+            write(Path(source) / "srv/locked", b"secret\n", mode=0o000, owner=(1234, 1234))
+            write(Path(source) / "srv/open", b"fine\n")
+            settle(Path(source))
+        result = subprocess.run(
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+             _jwbackup(),
+             "-l", str(tmp_path / f"{way}.log"), "-c", str(system.config), "--root", source],
+            capture_output=True,
+        )
+        results[way] = result
+        (gen,) = system.generations()
+        gens[way] = system.dest / gen
+    for way, result in results.items():
+        assert result.returncode == 1, (way, result.stderr.decode())
+        assert (gens[way] / "srv/open").read_bytes() == b"fine\n"
+        assert not (gens[way] / "srv/locked").exists()
+    assert "srv/locked" in (tmp_path / "auto.log").read_text()
+    assert describe(gens["auto"] / "srv") == describe(gens["rsync"] / "srv")
+
+
+def _jwbackup() -> str:
+    from conftest import JWBACKUP
+
+    return str(JWBACKUP)
