@@ -80,21 +80,27 @@ class System:
         return os.fsencode(self.dest / generation) + system_path
 
 
-def tree_state(top) -> dict[bytes, tuple]:
-    """Everything that must not change in a generation: content, metadata, links."""
+def tree_state(top, inodes: bool = True) -> dict[bytes, tuple]:
+    """Everything under ``top`` (and ``top`` itself, as ``b"."``): kind and mode,
+    owner, mtime, content or link target, and the inode unless ``inodes`` is
+    false (a restore makes new ones).  Not st_nlink: later generations linking
+    to a file raise it legitimately."""
     top = os.fsencode(top)
-    state = {}
+
+    def state(path):
+        st = os.lstat(path)
+        if os.path.islink(path):
+            content = os.readlink(path)
+        elif os.path.isfile(path):
+            with open(path, "rb") as f:
+                content = f.read()
+        else:
+            content = None
+        return (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ino if inodes else None, content)
+
+    found = {b".": state(top)}
     for dirpath, dirnames, filenames in os.walk(top):
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if os.path.islink(path):
-                content = os.readlink(path)
-            elif os.path.isfile(path):
-                with open(path, "rb") as f:
-                    content = f.read()
-            else:
-                content = None
-            # Not st_nlink: later generations linking to a file raise it legitimately.
-            state[path[len(top):]] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ino, content)
-    return state
+            found[path[len(top):]] = state(path)
+    return found

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from backupenv import System
+from backupenv import System, tree_state
 
 
 def ssh_destination(sshd) -> str:
@@ -17,22 +17,7 @@ def ssh_destination(sshd) -> str:
 
 def snapshot(top: bytes) -> dict[bytes, tuple]:
     """What a restore must bring back: kind, mode, owner, mtime, content or link target."""
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if os.path.islink(path):
-                content = os.readlink(path)
-            elif os.path.isfile(path):
-                with open(path, "rb") as f:
-                    content = f.read()
-            else:
-                content = None
-            state[path[len(top):]] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, content)
-    st = os.lstat(top)
-    state[b"."] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, None)
-    return state
+    return tree_state(top, inodes=False)
 
 
 @pytest.fixture
