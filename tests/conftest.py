@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,17 @@ def sshd(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_state_dir_restored():
+    """Runs against the live system (root /) write jwbackup's verification cache
+    under /var/lib/jwbackup; whatever the suite created there is removed."""
+    state = "/var/lib/jwbackup"
+    existed = {name: os.path.lexists(os.path.join(state, name)) for name in ("", "cache", "packages")}
+    yield
+    for name in ("cache", "packages"):
+        if not existed[name]:
+            shutil.rmtree(os.path.join(state, name), ignore_errors=True)
+    if not existed[""] and os.path.isdir(state) and not os.listdir(state):
+        os.rmdir(state)

@@ -246,23 +246,12 @@ def test_portage_manifest_through_the_api_feeds_the_verification(gentoo):
 
 # -- this machine ----------------------------------------------------------------
 
-REAL_CACHE_DIR = "/var/lib/jwbackup"
-
-
 @pytest.fixture(scope="module")
 def real_system():
-    """The live dpkg system; the verification cache the tests create there is removed afterwards."""
+    """The live dpkg system (the cache the tests create there is removed by
+    conftest's real_state_dir_restored)."""
     if not os.path.exists("/var/lib/dpkg/status"):
         pytest.skip("needs a dpkg system")
-    existed = os.path.lexists(REAL_CACHE_DIR + "/cache")
-    parent_existed = os.path.lexists(REAL_CACHE_DIR)
-    try:
-        yield
-    finally:
-        if not existed:
-            shutil.rmtree(REAL_CACHE_DIR + "/cache", ignore_errors=True)
-        if not parent_existed and os.path.isdir(REAL_CACHE_DIR) and not os.listdir(REAL_CACHE_DIR):
-            os.rmdir(REAL_CACHE_DIR)
 
 
 def real_files(jwbackup, tmp_path, roots) -> set[bytes]:
