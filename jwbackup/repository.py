@@ -24,7 +24,7 @@ import posixpath
 from jwbackup import generations
 from jwbackup.errors import DestinationError
 from jwbackup.execute import CommandError
-from jwbackup.generations import LATEST, Listing
+from jwbackup.generations import Listing
 
 logger = logging.getLogger(__name__)
 

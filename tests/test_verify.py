@@ -10,7 +10,6 @@ import glob
 import hashlib
 import os
 import re
-import shutil
 import struct
 import time
 
