@@ -361,6 +361,21 @@ def test_cron_daily_does_nothing_under_systemd(installed, small_config):
     assert (result.returncode, result.stderr, generation_dirs(dest)) == (0, "", [])
 
 
+def test_cron_daily_while_another_run_holds_the_lock_exits_75(installed, small_config):
+    """Cron and the timer (or an admin's manual run) firing together: one waits out."""
+    from lock_holder import held_lock
+
+    config, source, dest, log = small_config
+    run("/usr/bin/jwbackup", "-l", log, "-c", config, "init")
+    with held_lock(config.parent / "lock" / "jwbackup.lock"):
+        result = cron_daily(f"-c {config} -l {log}")
+    assert result.returncode == 75
+    assert "another jwbackup run" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert generation_dirs(dest) == []
+    assert cron_daily(f"-c {config} -l {log}").returncode == 0
+    assert len(generation_dirs(dest)) == 1
+
+
 def test_upgrade_with_confold_keeps_the_changed_config(installed):
     config = Path("/etc/jwbackup.yaml")
     config.write_text(config.read_text() + "# changed by the admin\n")
