@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Where an unchanged second run spends its time, step by step, in one process.
+
+    .venv/bin/python bench/phases.py [--scale N] [--work DIR] [--cprofile]
+
+Needs a system and a previous generation from ``run.py`` at the same scale
+(``WORK/runs/N/jwbackup``).  Times, separately and in order: the manifest,
+verification (stat cache warm), the selection walk alone (into a list), rsync
+``--files-from`` that list with ``--link-dest`` (what jwbackup's rsync builder
+does, minus the overlap), and the linker on the same list.  Each new
+generation goes to a scratch directory next to the real ones and is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import contenders as c  # noqa: E402
+import synth  # noqa: E402
+from jwbackup import config, rsync, transfer  # noqa: E402
+from jwbackup.generate import load_manifest, make_selector  # noqa: E402
+
+
+def cpu() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class Steps:
+    def __init__(self):
+        self.rows = []
+
+    def time(self, name, fn, *args):
+        subprocess.run(["sync"])
+        w0, c0 = time.perf_counter(), cpu()
+        value = fn(*args)
+        self.rows.append((name, time.perf_counter() - w0, cpu() - c0))
+        print(f"  {name:<44} wall {self.rows[-1][1]:6.2f} s  cpu {self.rows[-1][2]:6.2f} s", flush=True)
+        return value
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", type=int, default=200_000)
+    p.add_argument("--work", default="/var/tmp/jwbackup-bench")
+    p.add_argument("--cprofile", action="store_true", help="also print the linker's top functions")
+    args = p.parse_args(argv)
+    meta = synth.build(os.path.join(args.work, "systems", str(args.scale)), args.scale)
+    root = meta["root"]
+    jw = c.Jwbackup(root, os.path.join(args.work, "runs", str(args.scale)))
+    gens = jw.generations()
+    if not gens:
+        raise SystemExit(f"no generation in {jw.dest}: run bench/run.py --scale {args.scale} first")
+    latest = os.path.join(jw.dest, gens[-1])
+    cfg = config.load(jw.config())
+    steps = Steps()
+    print(f"unchanged run over {meta['entries']:,} entries, linking against {latest}")
+    manifest = steps.time("manifest (dpkg database)", load_manifest, cfg, root)
+    selector = steps.time("verify (stat cache warm) + selector", make_selector, cfg, root, manifest)
+    paths = steps.time("walk alone (select into a list)", lambda: list(selector.select(cfg.roots)))
+    print(f"  {len(paths):,} paths selected of {meta['entries']:,} entries")
+
+    scratch = os.path.join(jw.dest, "..", "scratch")
+
+    def fresh() -> str:
+        subprocess.run(["rm", "-rf", scratch], check=True)
+        os.makedirs(scratch)
+        return scratch
+
+    argv = rsync.make_command(root, fresh(), [latest])
+    result = steps.time("rsync --files-from (list ready) --link-dest", rsync.transfer, argv, iter(paths))
+    print(f"  rsync: exit {result.returncode}, {result.stats.transferred} copied")
+    target = fresh()
+    if args.cprofile:
+        prof = cProfile.Profile()
+        result = steps.time("linker (list ready), under cProfile", prof.runcall, transfer.build, root, iter(paths), target, [latest])
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
+        print(out.getvalue())
+    else:
+        result = steps.time("linker (list ready)", transfer.build, root, iter(paths), target, [latest])
+    print(f"  linker: exit {result.returncode}, {result.stats.transferred} copied")
+    subprocess.run(["rm", "-rf", scratch], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
