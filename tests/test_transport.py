@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import contextlib
 import os
 import secrets
 import shutil
@@ -303,25 +304,32 @@ def _cmdlines() -> list[bytes]:
     return found
 
 
+@contextlib.contextmanager
+def cmdlines_seen(*markers: bytes):
+    """Sample every process's command line while the block runs; yields the
+    list of those holding any of ``markers``, filled in when the block ends."""
+    seen: list[bytes] = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.extend(c for c in _cmdlines() if any(m in c for m in markers))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        watcher.join()
+
+
 def test_password_login_works_and_the_password_is_in_no_command_line(sshd, tmp_path, runtime_dir, password_user):
     name, password = password_user
     destination = sshd.destination(str(tmp_path), user=name, key=None, password=password)
-    with Ssh(destination, runtime_dir=runtime_dir) as ssh:
-        seen: list[bytes] = []
-        done = threading.Event()
-
-        def watch():
-            while not done.is_set():
-                seen.extend(c for c in _cmdlines() if b"sshpass" in c or password.encode() in c)
-                time.sleep(0.01)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
-            assert ssh.run(["sh", "-c", "sleep 0.5; id -un"]).stdout == name.encode() + b"\n"
-        finally:
-            done.set()
-            watcher.join()
+    with Ssh(destination, runtime_dir=runtime_dir) as ssh, cmdlines_seen(b"sshpass", password.encode()) as seen:
+        assert ssh.run(["sh", "-c", "sleep 0.5; id -un"]).stdout == name.encode() + b"\n"
     assert any(c.startswith(b"sshpass\0-e\0ssh\0") for c in seen)
     assert not any(password.encode() in c for c in seen)
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from backupenv import System
-from test_transport import _cmdlines, password_user  # noqa: F401  (fixture)
+from test_transport import cmdlines_seen, password_user  # noqa: F401  (fixture)
 
 
 @pytest.fixture
@@ -37,21 +35,8 @@ def test_password_is_in_no_command_line_log_or_message(jwbackup, tmp_path, sshd,
     ))
     os.chmod(system.config, 0o600)
     log = tmp_path / "debug.log"
-    seen: list[bytes] = []
-    done = threading.Event()
-
-    def watch():
-        while not done.is_set():
-            seen.extend(c for c in _cmdlines() if b"sshpass" in c or password.encode() in c)
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with cmdlines_seen(b"sshpass", password.encode()) as seen:
         result = jwbackup("-L", "DEBUG", "-c", system.config, "--root", system.root_dir, log_file=log)
-    finally:
-        done.set()
-        watcher.join()
     assert result.returncode == 0, result.stderr
     generations = [n for n in os.listdir(remote_dir) if n[:1].isdigit()]
     assert len(generations) == 1
