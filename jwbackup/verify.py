@@ -49,7 +49,6 @@ import struct
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import AbstractSet, Iterable
@@ -124,16 +123,15 @@ def check(
     modified: set[bytes] = set()
     entries, everything = _under(manifest, roots)
     cache_path = prefix + cache_file if cache_file and mode != "none" else None
-    with ThreadPoolExecutor(1, thread_name_prefix="jwbackup-cache") as loader:
-        # The cache is parsed while the lstat pass waits on the file system.
-        cache_future = loader.submit(_load_cache, cache_path) if cache_path else None
-        scanned, misses, no_digest = _scan(entries, mode, prefix, modified)
-        cache = cache_future.result() if cache_future else {}
-    fresh, new = _judge(scanned, misses, cache, stats, modified, workers)
-    stats.no_digest = _files_among(no_digest, entries)
+    cache = _load_cache(cache_path) if cache_path else _Cache()
+    order, misses, no_digest = _scan(entries, mode, prefix, cache, modified)
+    stats.checked = cache.hits + len(misses)
+    stats.cache_hits = cache.hits
+    new = _judge(misses, stats, modified, workers)
+    stats.no_digest = _files_among(no_digest, prefix)
     complete = everything and mode == "all"  # every record of a file still there was met
-    if cache_path and (new or (complete and len(fresh) < len(cache))):
-        _save_cache(cache_path, fresh if complete else {**cache, **fresh})
+    if cache_path and (new or cache.jumps or (complete and cache.hits < cache.count)):
+        _save_cache(cache_path, cache.records(order, new, keep_unmet=not complete))
     stats.modified = len(modified)
     stats.seconds = time.monotonic() - started
     logger.info(
@@ -165,18 +163,23 @@ def _under(manifest: Manifest, roots: Iterable[str | bytes]) -> tuple[Iterable[t
 # -- comparing -------------------------------------------------------------------
 
 
-def _scan(entries, mode, prefix, modified) -> tuple[list, list, list[bytes]]:
-    """The lstat pass: (cacheable candidates, others to hash, paths without a digest).
+def _scan(entries, mode, prefix, cache: _Cache, modified) -> tuple[list, list, list[bytes]]:
+    """The lstat pass, judging every file the cache knows: (order, misses, no_digest).
 
-    A candidate is ``(stat key, path, real path, size, digest)``.  Conffiles
-    that count as modified without being read go straight into ``modified``.
+    ``order`` lists, in scan order, what the next cache holds: the offset
+    of a record met in this cache, or the stat key of a file to hash.
+    ``misses`` are the files to hash, as ``(stat key or None, path, real
+    path, size, digest)``.  Modified files, and conffiles that count as
+    modified without being read, go into ``modified``.
     """
-    scanned: list = []
+    order: list = []
     misses: list = []
     no_digest: list[bytes] = []
     lstat = os.lstat
     isreg = stat.S_ISREG
     pack = _KEY.pack
+    body, find = cache.body, cache.find
+    at = 0  # where the next record is expected: files come in the order the last run saved them
     everything = mode == "all"
     for path, entry in entries:
         digest = entry.digest
@@ -197,59 +200,56 @@ def _scan(entries, mode, prefix, modified) -> tuple[list, list, list[bytes]]:
             continue  # not there: nothing to judge, the walk will not meet it
         if not isreg(st.st_mode):
             continue  # another kind now: the walk keeps it anyway
-        if digest.algorithm == CACHED_ALGORITHM:
-            key = pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            scanned.append((key, path, real, st.st_size, digest))
-        else:
+        if digest.algorithm != CACHED_ALGORITHM:
             misses.append((None, path, real, st.st_size, digest))
-    return scanned, misses, no_digest
-
-
-def _judge(scanned, misses, cache, stats, modified, workers) -> tuple[dict[bytes, str], int]:
-    """Compare with the recorded digests; returns the cache records of the files met, and how many are new."""
-    fresh: dict[bytes, str] = {}
-    get = cache.get
-    hits = 0
-    for item in scanned:
-        key = item[0]
-        cached = get(key)
-        if cached is None:
-            misses.append(item)
             continue
-        fresh[key] = cached
-        hits += 1
-        if cached != item[4].value:
-            modified.add(item[1])
-    stats.checked = hits + len(misses)
-    stats.cache_hits = hits
-    new = 0
-    if misses:
-        misses.sort(key=itemgetter(3), reverse=True)  # the largest first: the workers finish together
-        for path, digest, actual, key in _hash_all(misses, workers, stats):
-            if actual is VANISHED:
+        key = pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if not body.startswith(key, at):
+            found = find(key)
+            if found < 0:
+                order.append(key)
+                misses.append((key, path, real, st.st_size, digest))
+                at += _RECORD.size  # past the record this file had, if it had one
                 continue
-            if actual is None:
-                stats.unreadable += 1
-                modified.add(path)
-                continue
-            if key is not None and digest.algorithm == CACHED_ALGORITHM:
-                fresh[key] = actual
-                new += 1
-            if actual != digest.value:
-                modified.add(path)
-    return fresh, new
+            at = found
+        order.append(at)
+        if body[at + _KEY.size:at + _RECORD.size] != digest.value.encode():
+            modified.add(path)
+        at += _RECORD.size
+    cache.hits = len(order) - sum(1 for m in misses if m[0] is not None)
+    return order, misses, no_digest
 
 
-def _files_among(paths: list[bytes], entries) -> int:
-    """How many of ``paths`` are not directories (dpkg lists do not say which are).
+def _judge(misses, stats, modified, workers) -> dict[bytes, bytes]:
+    """Hash ``misses`` and compare with the recorded digests; returns the new cache records."""
+    new: dict[bytes, bytes] = {}
+    if not misses:
+        return new
+    misses.sort(key=itemgetter(3), reverse=True)  # the largest first: the workers finish together
+    for path, digest, actual, key in _hash_all(misses, workers, stats):
+        if actual is VANISHED:
+            continue
+        if actual is None:
+            stats.unreadable += 1
+            modified.add(path)
+            continue
+        if key is not None and digest.algorithm == CACHED_ALGORITHM:
+            new[key] = actual.encode("ascii")
+        if actual != digest.value:
+            modified.add(path)
+    return new
 
-    Judged without touching the disk: a listed path that another listed path
-    lies under is a directory.
-    """
-    if not paths:
-        return 0
-    parents = {p.rpartition(b"/")[0] or b"/" for p, _ in entries}
-    return sum(1 for p in paths if p not in parents)
+
+def _files_among(paths: list[bytes], prefix: bytes) -> int:
+    """How many of ``paths`` are not directories (dpkg lists do not say which are)."""
+    isdir = stat.S_ISDIR
+    count = 0
+    for path in paths:
+        try:
+            count += not isdir(os.lstat(prefix + path).st_mode)
+        except OSError:
+            pass
+    return count
 
 
 def _hash_all(misses, workers, stats) -> list[tuple[bytes, object, str | None, bytes | None]]:
@@ -329,21 +329,63 @@ def _hash_file(real: bytes, algorithm: str, buf: bytearray) -> tuple[str | None,
 #   jwbackup-verify-cache <version> <algorithm>\n
 #   <records> <crc32 of the records>\n
 #   records of 72 bytes: device, inode, size (uint64), mtime_ns, ctime_ns (int64),
-#   little-endian, then the hex digest of the content (32 ASCII bytes)
+#   little-endian, then the hex digest of the content (32 ASCII bytes),
+#   in the order the files were scanned
 
 _KEY = struct.Struct("<QQQqq")
 _RECORD = struct.Struct(f"<{_KEY.size}s32s")
 
 
-def _load_cache(path: bytes) -> dict[bytes, str]:
+class _Cache:
+    """The records of the last run, read in place.
+
+    They are saved in the order the files are scanned, so a run finds each
+    record right after the previous one (one ``startswith`` on the body, no
+    hashing); only a file out of that order is looked up in an index, which
+    is built the first time one is.
+    """
+
+    def __init__(self, body: bytes = b""):
+        self.body = body
+        self.count = len(body) // _RECORD.size
+        self.hits = 0  # set by the scan
+        self.jumps = 0  # records met out of order: saving again puts them in order
+        self._index: dict[bytes, int] | None = None
+
+    def find(self, key: bytes) -> int:
+        """The offset of the record for ``key``, or -1."""
+        if self._index is None:
+            body, size = self.body, _KEY.size
+            self._index = {body[at:at + size]: at for at in range(0, len(body), _RECORD.size)}
+        at = self._index.get(key, -1)
+        self.jumps += at >= 0
+        return at
+
+    def records(self, order: list, new: dict[bytes, bytes], keep_unmet: bool) -> list[bytes]:
+        """The records for the next run, in scan order; ``keep_unmet`` keeps the ones not met."""
+        body, size = self.body, _RECORD.size
+        out = []
+        met = set()
+        for item in order:
+            if item.__class__ is int:
+                out.append(body[item:item + size])
+                met.add(item)
+            elif (value := new.get(item)) is not None:
+                out.append(item + value)
+        if keep_unmet:
+            out += [body[at:at + size] for at in range(0, len(body), size) if at not in met]
+        return out
+
+
+def _load_cache(path: bytes) -> _Cache:
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        return {}
+        return _Cache()
     except OSError as exc:
         logger.warning("cannot read the verification cache %s (%s); every file is hashed", os.fsdecode(path), exc.strerror)
-        return {}
+        return _Cache()
     head, _, rest = data.partition(b"\n")
     count_line, _, body = rest.partition(b"\n")
     words = head.split(b" ")
@@ -361,16 +403,14 @@ def _load_cache(path: bytes) -> dict[bytes, str]:
         if zlib.crc32(body) != crc or len(body) != count * _RECORD.size:
             problem = "corrupt or truncated"
         else:
-            records = _RECORD.iter_unpack(body)
-            return {key: value.decode("ascii", "replace") for key, value in records}
+            return _Cache(body)
     logger.warning("verification cache %s ignored: %s; every file is hashed again", os.fsdecode(path), problem)
-    return {}
+    return _Cache()
 
 
-def _save_cache(path: bytes, records: dict[bytes, str]) -> None:
+def _save_cache(path: bytes, records: list[bytes]) -> None:
     """Write the cache through a temporary neighbour and a rename; failures are warnings."""
-    pack = _RECORD.pack
-    body = b"".join(pack(key, value.encode("ascii")) for key, value in records.items())
+    body = b"".join(records)
     data = b"%s %d %s\n%d %d\n" % (CACHE_MAGIC, CACHE_VERSION, CACHED_ALGORITHM.encode(), len(records),
                                     zlib.crc32(body)) + body
     directory = os.path.dirname(path)

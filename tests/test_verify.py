@@ -12,6 +12,7 @@ import os
 import re
 import struct
 import time
+import zlib
 
 import pytest
 
@@ -319,3 +320,18 @@ def test_real_package_files_changed_behind_dpkg_are_selected_under_usr(jwbackup,
     selected = real_files(jwbackup, tmp_path, ["/usr"])
     assert [p for p in changed if p not in selected] == []
     assert [p for p in pristine[:200] if p in selected] == []
+
+
+def test_cache_records_out_of_order_are_still_used_and_saved_back_in_order(debian, tmp_path):
+    settle()
+    verify.check(load_manifest(debian.root), debian.root)
+    with open(debian.path(CACHE), "rb") as f:
+        head, counts, body = f.read().split(b"\n", 2)
+    records = [body[i:i + 72] for i in range(0, len(body), 72)]
+    shuffled = b"".join(reversed(records))
+    with open(debian.path(CACHE), "wb") as f:
+        f.write(b"%s\n%d %d\n%s" % (head, len(records), zlib.crc32(shuffled), shuffled))
+    verifier = verify.check(load_manifest(debian.root), debian.root)
+    assert (verifier.stats.cache_hits, verifier.stats.hashed) == (4, 0)
+    with open(debian.path(CACHE), "rb") as f:
+        assert f.read().split(b"\n", 2)[2] == body
