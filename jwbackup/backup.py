@@ -10,6 +10,8 @@ and every complete generation as it was.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from jwbackup.generate import load_manifest, make_selector
 from jwbackup.generations import PARTIAL_SUFFIX
 from jwbackup.lock import Lock
 from jwbackup.repository import Repository
+from jwbackup.transfer import remote
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
     if progress is None:
         progress = sys.stderr.isatty()
     started = time.monotonic()
+    started_ns = time.time_ns()  # before anything is read: see transfer.remote
+    source = f"{socket.gethostname()}:{os.path.abspath(root)}"
     # hooks: before on entering, on_error on an exception, after once committed
     with Lock(cfg.lock_file), hooks.Runner(cfg.hooks, hooks.describe(dest), enabled=not dry_run) as hook_run:
         manifest = load_manifest(cfg, root)
@@ -73,15 +78,21 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
                 root, t.rsync_target(repo.path(partial)), link_dests,
                 transport_args=t.rsync_args(), dry_run=dry_run, progress=progress,
             )
-            builder, why = transfer.choose(cfg.transfer, dest, repo.path(partial), link_dests, dry_run=dry_run)
+            previous = repo.read_stats().get(latest) if latest and dest.remote else None
+            builder, why = transfer.choose(cfg.transfer, dest, repo.path(partial), link_dests, dry_run=dry_run,
+                                           previous=previous, source=source)
             logger.info("backing up %s to %s with %s (%s)", ", ".join(cfg.roots), _where(t, repo.path(partial)), builder, why)
+            def send(paths):
+                return rsync.transfer(argv, paths, env=t.env(), progress=progress,
+                                      secrets=[dest.password] if dest.password else [])
+
             if builder == transfer.LINKER:
                 result = transfer.build(root, selector.select(cfg.roots), repo.path(partial), link_dests)
+            elif builder == transfer.REMOTE:
+                result = remote.build(repo, os.fsencode(root), selector.select(cfg.roots), latest, partial,
+                                      previous["started_ns"], send)
             else:
-                result = rsync.transfer(
-                    argv, selector.select(cfg.roots), env=t.env(), progress=progress,
-                    secrets=[dest.password] if dest.password else [],
-                )
+                result = send(selector.select(cfg.roots))
             if result.walk_error is not None:
                 if isinstance(result.walk_error, JwbackupError):
                     raise result.walk_error
@@ -103,6 +114,8 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
                 "copied": result.stats.transferred,
                 "copied_size": result.stats.transferred_size,
                 "seconds": round(time.monotonic() - started, 1),
+                "started_ns": started_ns,
+                "source": source,
             })
             plan = generations.plan_retention((name,) + listing.complete, dest.generations, dest.keep)
             for old in plan.remove:

@@ -25,6 +25,7 @@ from jwbackup import generations
 from jwbackup.errors import DestinationError
 from jwbackup.execute import CommandError
 from jwbackup.generations import Listing
+from jwbackup.transfer import remote
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,8 @@ class Repository:
         local = self.transport.where == "local"
         return self.directory if local else f"{self.transport.where}:{self.directory}"
 
-    def _script(self, script: str, *args: str, check: bool = True):
-        result = self.transport.run(["sh", "-c", script, "sh", *args], check=False)
+    def _script(self, script: str, *args: str, check: bool = True, input: bytes | None = None):
+        result = self.transport.run(["sh", "-c", script, "sh", *args], input=input, check=False)
         if result.returncode == _MISSING:
             raise DestinationError(
                 f"destination directory {self._where()} does not exist or is not a directory "
@@ -124,6 +125,19 @@ class Repository:
         result = self._script(_COMMIT, self.directory, partial, name, record, check=False)
         if result.returncode == _CLOBBER:
             raise DestinationError(f"cannot commit {partial}: {self.path(name)} exists")
+        if result.returncode != 0:
+            raise CommandError(["sh"], result.returncode, result.stderr, where=self._where())
+
+    def tree(self, name: str) -> bytes:
+        """Every entry of generation ``name``, as ``find -printf`` writes :data:`remote.LIST_FORMAT`."""
+        return self.transport.run(["find", self.path(name), "-mindepth", "1", "-printf", remote.LIST_FORMAT]).stdout
+
+    def prepare(self, previous: str, partial: str, remove: list[bytes]) -> None:
+        """Create ``partial`` as a hard-linked copy of ``previous``, less the ``remove`` paths."""
+        data = b"".join(path + b"\0" for path in remove)
+        result = self._script(remote.PREPARE, self.path(previous), self.path(partial), input=data, check=False)
+        if result.returncode == _CLOBBER:
+            raise DestinationError(f"cannot create {partial}: {self.path(partial)} exists")
         if result.returncode != 0:
             raise CommandError(["sh"], result.returncode, result.stderr, where=self._where())
 

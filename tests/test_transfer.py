@@ -12,6 +12,7 @@ generations must stay exactly as they were.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import stat
@@ -27,7 +28,10 @@ from jwbackup import rsync
 from jwbackup.managers import Manifest
 from jwbackup.select import Selector
 from jwbackup.transfer import LINKER, RSYNC, choose, probe_filesystem
+from jwbackup.repository import Repository
+from jwbackup.transfer import remote
 from jwbackup.transfer.linker import build, read_attrs
+from jwbackup.transport import Local
 
 MTIME = 1_600_000_000_123_456_789
 HOSTILE = [b"new\nline", b"latin1-\xe9t\xe9", b"-leading-dash", b"with space", b"tab\there"]
@@ -67,6 +71,21 @@ def build_rsync(src: Path, target: Path, link_dests: list[Path], paths: list[byt
 
 def build_linker(src: Path, target: Path, link_dests: list[Path], paths: list[bytes]) -> rsync.Result:
     return build(str(src), paths, str(target), [str(d) for d in link_dests])
+
+
+STARTED: dict[Path, int] = {}  # when each generation's build started, as a run records it
+
+
+def build_remote(src: Path, target: Path, link_dests: list[Path], paths: list[bytes]) -> rsync.Result:
+    """What a run to an ssh destination does, through a local transport: the first
+    generation by rsync, the later ones from a hard-linked copy of the newest."""
+    STARTED[target] = time.time_ns()
+    if not link_dests:
+        return build_rsync(src, target, link_dests, paths)
+    repo = Repository(Local(), str(target.parent))
+    argv = rsync.make_command(str(src), str(target), [str(d) for d in link_dests])
+    return remote.build(repo, os.fsencode(src), paths, link_dests[0].name, target.name, STARTED[link_dests[0]],
+                        lambda listed: rsync.transfer(argv, listed))
 
 
 # --- what a generation is -----------------------------------------------------------
@@ -275,13 +294,17 @@ def world(tmp_path):
     return tmp_path, src
 
 
-def test_linker_builds_what_rsync_link_dest_builds_through_every_kind_of_change(world):
+def test_linker_and_remote_build_what_rsync_link_dest_builds_through_every_kind_of_change(world, caplog):
     tmp, src = world
-    chains = {"rsync": [], "linker": []}
-    builders = {"rsync": build_rsync, "linker": build_linker}
+    chains = {"rsync": [], "linker": [], "remote": []}
+    builders = {"rsync": build_rsync, "linker": build_linker, "remote": build_remote}
+    time.sleep(remote.MARGIN_NS / 1e9)  # the initial tree is older than the margin: keepable from the start
+    caplog.set_level("INFO", logger="jwbackup.transfer.remote")
     for step, change in enumerate([step_none, step_changes, step_more, step_none]):
         change(src)
         settle(src)
+        if step == 2:
+            time.sleep(remote.MARGIN_NS / 1e9)  # so that step 3 finds nothing changed near gen2's start
         paths = selection(src)
         before = {way: [frozen(g) for g in gens] for way, gens in chains.items()}
         for way, gens in chains.items():
@@ -290,11 +313,15 @@ def test_linker_builds_what_rsync_link_dest_builds_through_every_kind_of_change(
             result = builders[way](src, target, list(reversed(gens[-2:])), paths)
             assert result.returncode == 0, (way, step, result.errors)
             gens.append(target)
-        r, linked = chains["rsync"], chains["linker"]
-        assert describe(linked[-1]) == describe(r[-1]), f"step {step}"
-        assert structure(linked) == structure(r), f"step {step}"
+        r = chains["rsync"]
+        for way in ("linker", "remote"):
+            assert describe(chains[way][-1]) == describe(r[-1]), f"{way}, step {step}"
+            assert structure(chains[way]) == structure(r), f"{way}, step {step}"
         for way, gens in chains.items():
             assert [frozen(g) for g in gens[:-1]] == before[way], f"{way} changed an earlier generation at step {step}"
+    kept = [int(m.group(1)) for m in re.finditer(r"(\d+) unchanged entries kept", caplog.text)]
+    # an unchanged run over ssh hands rsync the directories only
+    assert len(kept) == 3 and kept[-1] == sum(not os.path.isdir(os.fsencode(src) + p) for p in paths) > 20, kept
     last = chains["linker"]
     # what rsync's quick check does, spelled out: same size and mtime is "unchanged"
     assert (last[1] / "etc/same-size").read_bytes() == b"aaaa\n"
@@ -389,12 +416,18 @@ def test_choice_uses_the_linker_only_for_a_capable_local_filesystem(tmp_path):
 # --- end to end, through the jwbackup command ------------------------------------------
 
 
-def test_jwbackup_with_transfer_auto_and_rsync_writes_identical_generations(jwbackup, tmp_path):
+@pytest.mark.parametrize("over", ["local", "ssh"])
+def test_jwbackup_with_transfer_auto_and_rsync_writes_identical_generations(jwbackup, tmp_path, over, request):
+    destination = ""
+    if over == "ssh":
+        sshd = request.getfixturevalue("sshd")
+        destination = (f"  host: 127.0.0.1\n  port: {sshd.port}\n  user: {sshd.user}\n  key: {sshd.key}\n"
+                       f"  known_hosts: {sshd.known_hosts}\n")
     systems = {}
     for way in ("rsync", "auto"):
         (tmp_path / way).mkdir()
         system = System(tmp_path / way)
-        system.configure(extra=f"transfer: {way}\n")
+        system.configure(extra=f"transfer: {way}\n", destination=destination)
         systems[way] = system
     # the same source for both: the "auto" system backs up the "rsync" system's root
     source = systems["rsync"].root_dir
@@ -402,6 +435,7 @@ def test_jwbackup_with_transfer_auto_and_rsync_writes_identical_generations(jwba
     initial(srv)
     (Path(source) / "var/lib/jwbackup/packages").mkdir(parents=True, exist_ok=True)
     settle(Path(source))
+    time.sleep(remote.MARGIN_NS / 1e9)  # older than the margin: an ssh run may keep it
     logs = {}
 
     def run_both():
@@ -416,7 +450,11 @@ def test_jwbackup_with_transfer_auto_and_rsync_writes_identical_generations(jwba
     settle(Path(source))
     run_both()
     assert "with rsync (transfer: rsync)" in logs["rsync"]
-    assert "with linker (local destination)" in logs["auto"]
+    if over == "local":
+        assert "with linker (local destination)" in logs["auto"]
+    else:
+        assert "with remote (over ssh, unchanged entries kept from" in logs["auto"]
+        assert int(re.search(r"(\d+) unchanged entries kept", logs["auto"]).group(1)) > 20
     gens = {way: [system.dest / g for g in system.generations()] for way, system in systems.items()}
     assert len(gens["auto"]) == len(gens["rsync"]) == 2
     for i in range(2):

@@ -7,11 +7,10 @@ filesystem; otherwise, and always for ssh destinations and dry runs, rsync.
 ``transfer: rsync`` always uses rsync.  Both build identical generations
 (``tests/test_transfer.py`` proves it against the real rsync).
 
-ssh destinations always use rsync: the linker needs the destination's
-filesystem in this process.  A remote linker would run there (``python3 -m
-jwbackup.transfer.linker`` over the ssh master, fed the selection with
-size/mtime/mode/owner/xattrs, reading only changed files' content through the
-same channel) — not built yet.
+ssh destinations use :mod:`jwbackup.transfer.remote` when the newest
+generation's record says when its run started and that it backed up the same
+source: a hard-linked copy of that generation at the destination, and rsync
+for what changed.  Otherwise rsync over the whole selection.
 """
 
 from __future__ import annotations
@@ -31,10 +30,11 @@ logger = logging.getLogger(__name__)
 AUTO = "auto"
 RSYNC = "rsync"
 LINKER = "linker"
+REMOTE = "remote"
 MODES = (AUTO, RSYNC)
 PROBE_PREFIX = ".jwbackup-probe-"
 
-__all__ = ["AUTO", "RSYNC", "LINKER", "MODES", "choose", "build", "probe_filesystem"]
+__all__ = ["AUTO", "RSYNC", "LINKER", "REMOTE", "MODES", "choose", "build", "probe_filesystem"]
 
 
 def _is_generation(path: str) -> bool:
@@ -87,14 +87,23 @@ def probe_filesystem(directory: str) -> str | None:
                 pass
 
 
-def choose(mode: str, destination, target: str, link_dests: Sequence[str], dry_run: bool = False) -> tuple[str, str]:
-    """(``LINKER`` or ``RSYNC``, why) for building ``target`` against ``link_dests``."""
+def choose(mode: str, destination, target: str, link_dests: Sequence[str], dry_run: bool = False,
+           previous: dict | None = None, source: str | None = None) -> tuple[str, str]:
+    """(``LINKER``, ``REMOTE`` or ``RSYNC``, why) for building ``target`` against ``link_dests``.
+
+    ``previous`` is the newest generation's record (``.stats``), ``source``
+    what this run backs up (host and root).
+    """
     if mode == RSYNC:
         return RSYNC, "transfer: rsync"
-    if destination.remote:
-        return RSYNC, "the destination is over ssh"
     if dry_run:
         return RSYNC, "dry run"
+    if destination.remote:
+        if not previous:
+            return RSYNC, "over ssh, no earlier generation with a record"
+        if not isinstance(previous.get("started_ns"), int) or previous.get("source") != source:
+            return RSYNC, f"over ssh, {previous.get('name')} was not made by this version from {source}"
+        return REMOTE, f"over ssh, unchanged entries kept from {previous.get('name')}"
     directory = os.path.dirname(target.rstrip("/"))
     if os.path.lexists(target):
         return RSYNC, f"{target} exists already"
