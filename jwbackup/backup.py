@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from jwbackup import generations, hooks, rsync, transfer, transport
+from jwbackup import confine, generations, hooks, rsync, transfer, transport
 from jwbackup import pkgstate
 from jwbackup.config import Config
 from jwbackup.errors import EX_OK, EX_WARNINGS, ConfigError, JwbackupError, TransferError
@@ -74,25 +74,8 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
             link_dests = ([repo.path(latest)] if latest else []) + [
                 repo.path(p) for p in listing.partial[:MAX_PARTIAL_LINK_DESTS]
             ]
-            argv = rsync.make_command(
-                root, t.rsync_target(repo.path(partial)), link_dests,
-                transport_args=t.rsync_args(), dry_run=dry_run, progress=progress,
-            )
-            previous = repo.read_stats().get(latest) if latest and dest.remote else None
-            builder, why = transfer.choose(cfg.transfer, dest, repo.path(partial), link_dests, dry_run=dry_run,
-                                           previous=previous, source=source)
-            logger.info("backing up %s to %s with %s (%s)", ", ".join(cfg.roots), _where(t, repo.path(partial)), builder, why)
-            def send(paths):
-                return rsync.transfer(argv, paths, env=t.env(), progress=progress,
-                                      secrets=[dest.password] if dest.password else [])
-
-            if builder == transfer.LINKER:
-                result = transfer.build(root, selector.select(cfg.roots), repo.path(partial), link_dests)
-            elif builder == transfer.REMOTE:
-                result = remote.build(repo, os.fsencode(root), selector.select(cfg.roots), latest, partial,
-                                      previous["started_ns"], send)
-            else:
-                result = send(selector.select(cfg.roots))
+            builder, result = _build(cfg, t, repo, root, selector, latest, partial, link_dests,
+                                     dry_run=dry_run, progress=progress, source=source)
             if result.walk_error is not None:
                 if isinstance(result.walk_error, JwbackupError):
                     raise result.walk_error
@@ -126,6 +109,32 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
         _summary(name, result, selector.stats, plan.remove, time.monotonic() - started, status)
         status = hook_run.after(name, status)
     return Outcome(name, status, plan.remove)
+
+
+def _build(cfg: Config, t, repo: Repository, root: str, selector, latest: str | None, partial: str,
+           link_dests: list[str], *, dry_run: bool, progress: bool, source: str) -> tuple[str, rsync.Result]:
+    """Build ``partial`` with the builder :func:`transfer.choose` picks: (builder, outcome)."""
+    dest = cfg.destination
+    previous = repo.read_stats().get(latest) if latest and dest.remote else None
+    builder, why = transfer.choose(cfg.transfer, dest, repo.path(partial), link_dests, dry_run=dry_run,
+                                   previous=previous, source=source)
+    logger.info("backing up %s to %s with %s (%s)", ", ".join(cfg.roots), _where(t, repo.path(partial)), builder, why)
+    paths = selector.select(cfg.roots)
+    if builder == transfer.LINKER:
+        return builder, transfer.build(root, paths, repo.path(partial), link_dests)
+    with confine.source(root) as (source_path, fds):  # rsync reads where no symlink is followed
+        argv = rsync.make_command(
+            source_path, t.rsync_target(repo.path(partial)), link_dests,
+            transport_args=t.rsync_args(), dry_run=dry_run, progress=progress,
+        )
+
+        def send(listed):
+            return rsync.transfer(argv, listed, env=t.env(), progress=progress, pass_fds=fds,
+                                  secrets=[dest.password] if dest.password else [])
+
+        if builder == transfer.REMOTE:
+            return builder, remote.build(repo, os.fsencode(root), paths, latest, partial, previous["started_ns"], send)
+        return builder, send(paths)
 
 
 def _where(t, path: str) -> str:

@@ -181,6 +181,7 @@ def transfer(
     env: Mapping[str, str] | None = None,
     progress: bool = False,
     secrets: Sequence[str] = (),
+    pass_fds: Sequence[int] = (),
 ) -> Result:
     proc = execute.popen(
         argv,
@@ -190,6 +191,7 @@ def transfer(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         preexec_fn=_die_with_parent,
+        pass_fds=tuple(pass_fds),
     )
     feeder = _Feeder(paths, proc.stdin)
     collector = _Collector(proc.stderr)
