@@ -36,11 +36,12 @@ DEFAULT_LOCK_FILE = "/run/lock/jwbackup/jwbackup.lock"  # a private directory: s
 MAX_SIZE = 1024 * 1024  # larger files are refused before YAML sees them
 MAX_DEPTH = 10  # nesting of lists and mappings; the format itself needs 3
 PASSWORD_MASK = "********"
+MAX_TIMEOUT = 86400  # destination.timeout: a day without data is a dead link
 
 TOP_KEYS = ("root", "roots", "prune", "destination", "manager", "lock_file", "hooks", "verify", "transfer")
 DESTINATION_KEYS = (
     "host", "user", "port", "key", "password", "known_hosts", "accept_new_host_key",
-    "directory", "generations", "keep",
+    "directory", "generations", "keep", "timeout",
 )
 KEEP_KEYS = ("daily", "weekly", "monthly", "yearly")
 HOOK_KEYS = ("before", "after", "on_error")
@@ -70,6 +71,7 @@ class Destination:
     accept_new_host_key: bool = False  # StrictHostKeyChecking=accept-new instead of yes
     generations: int = 30
     keep: Keep | None = None
+    timeout: int = 300  # seconds without data from the destination before rsync and ssh give up
 
     @property
     def remote(self) -> bool:
@@ -140,6 +142,7 @@ def dump(config: Config) -> str:
             "known_hosts": d.known_hosts,
             "accept_new_host_key": d.accept_new_host_key,
             "generations": d.generations,
+            "timeout": d.timeout,
         }
         if d.keep is not None:
             dest["keep"] = {name: getattr(d.keep, name) for name in KEEP_KEYS}
@@ -350,6 +353,12 @@ class _Checker:
             if not 1 <= port <= 65535:
                 raise self.error(items["port"][1], "destination.port", f"must be a port number from 1 to 65535, not {port}")
             values["port"] = port
+        if "timeout" in items:
+            seconds = f"a number of seconds from 1 to {MAX_TIMEOUT}"
+            timeout = self.integer(items["timeout"][1], "destination.timeout", seconds)
+            if not 1 <= timeout <= MAX_TIMEOUT:
+                raise self.error(items["timeout"][1], "destination.timeout", f"must be {seconds}, not {timeout}")
+            values["timeout"] = timeout
         if "accept_new_host_key" in items:
             values["accept_new_host_key"] = self.boolean(items["accept_new_host_key"][1], "destination.accept_new_host_key")
         if "generations" in items:

@@ -131,10 +131,11 @@ class Ssh:
         argv += ["-o", f"StrictHostKeyChecking={'accept-new' if d.accept_new_host_key else 'yes'}"]
         if d.known_hosts:
             argv += ["-o", "UserKnownHostsFile=" + _config_quote(_percent_escape(d.known_hosts))]
+        interval, count = server_alive(d.timeout)
         argv += [
             "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
-            "-o", "ServerAliveInterval=15",
-            "-o", "ServerAliveCountMax=4",
+            "-o", f"ServerAliveInterval={interval}",
+            "-o", f"ServerAliveCountMax={count}",
             "-o", "ControlMaster=auto",
             "-o", "ControlPath=" + _config_quote(_percent_escape(self.control_path, keep="-%C")),
             "-o", f"ControlPersist={CONTROL_PERSIST}",
@@ -158,8 +159,9 @@ class Ssh:
         return f"{d.user + '@' if d.user else ''}{host}:{path}"
 
     def rsync_args(self) -> list[str]:
-        """``["-e", <remote shell>]``: the same ssh options, so rsync uses the master connection."""
-        return ["-e", " ".join(_rsync_quote(a) for a in [*self._prefix(), *self.ssh_options()])]
+        """``--timeout`` and ``-e <remote shell>``: the same ssh options, so rsync uses the master connection."""
+        shell = " ".join(_rsync_quote(a) for a in [*self._prefix(), *self.ssh_options()])
+        return [f"--timeout={self.destination.timeout}", "-e", shell]
 
     def env(self) -> dict[str, str]:
         """Extra environment for processes that talk to the destination."""
@@ -213,6 +215,17 @@ class Ssh:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def server_alive(timeout: int) -> tuple[int, int]:
+    """ssh's ServerAliveInterval and ServerAliveCountMax for ``destination.timeout``.
+
+    A probe every 15 s at most (NAT boxes forget quiet connections); ssh gives
+    up two probes after rsync's own ``--timeout``, so that rsync reports a
+    stalled transfer itself, and a stalled master connection still ends.
+    """
+    interval = max(1, min(15, timeout // 4))
+    return interval, -(-timeout // interval) + 2
 
 
 def private_runtime_dir(parent: str | None = None) -> str:

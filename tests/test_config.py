@@ -362,6 +362,14 @@ def test_port_out_of_range(write):
     assert error_of(path) == f"{path}:3: destination.port: must be a port number from 1 to 65535, not 70000"
 
 
+def test_timeout_defaults_to_300_seconds_and_must_be_from_1_to_86400(write):
+    assert config.load(write("destination:\n  directory: /b\n"), env={}).destination.timeout == 300
+    path = write("destination:\n  directory: /b\n  timeout: 30\n")
+    assert config.load(path, env={}).destination.timeout == 30
+    path = write("destination:\n  directory: /b\n  timeout: 0\n")
+    assert error_of(path) == f"{path}:3: destination.timeout: must be a number of seconds from 1 to 86400, not 0"
+
+
 def test_huge_number_is_refused(write):
     path = write("destination:\n  directory: /b\n  generations: " + "9" * 5000 + "\n")
     assert error_of(path) == (

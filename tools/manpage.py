@@ -132,6 +132,10 @@ is handed to
 .BR sshpass (1)
 through the environment, and the file must then be readable by its owner only.
 .TP
+.B destination.timeout
+Seconds without data from an ssh destination before the transfer gives up
+(exit 75) and the connection is dropped (default: 300).
+.TP
 .B destination.generations
 How many complete generations to keep (default: 30).
 .TP
