@@ -64,7 +64,10 @@ class Contender:
     def log(self) -> str:
         os.makedirs(self.logs, exist_ok=True)
         self.runs += 1
-        return os.path.join(self.logs, f"run{self.runs:03d}.log")
+        path = os.path.join(self.logs, f"run{self.runs:03d}.log")
+        if os.path.exists(path):
+            os.unlink(path)  # left by an earlier bench run: jwbackup would append to it
+        return path
 
     def wipe(self) -> None:
         if os.path.exists(self.work):

@@ -124,6 +124,9 @@ def children_cpu(pid: int) -> float:
 _LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \[\d+\] (\w+) ([\w.]+): (.*)")
 
 
+_BUILDER = re.compile(r" with (\w+) \([^()]*\)$")
+
+
 def phases(log: str, wrapper: dict) -> dict:
     """jwbackup's own split of one run, from its DEBUG log and the wrapper's timestamps.
 
@@ -150,11 +153,13 @@ def phases(log: str, wrapper: dict) -> dict:
                 reported["verify"] = float(message.split(" in ", 1)[1].split()[0])
             elif message.startswith("backing up ") and "transfer_start" not in marks:
                 marks["transfer_start"] = when
-                marks["builder"] = message.rsplit(" with ", 1)[1].split()[0] if " with " in message else "rsync"
-            elif (message.startswith("run: ") or message.startswith("rsync exited")) and (
-                "transfer_start" in marks and "transfer_end" not in marks
+                builder = _BUILDER.search(message)
+                marks["builder"] = builder.group(1) if builder else "rsync"
+            elif "transfer_start" in marks and "transfer_end" not in marks and (
+                message.startswith("rsync exited") if marks["builder"] in ("rsync", "remote")
+                else message.startswith("run: ")  # the linker: the first command after it is the commit
             ):
-                marks["transfer_end"] = when  # the first command after the builder: the commit
+                marks["transfer_end"] = when
             elif message.startswith("removing expired generation") and "prune_start" not in marks:
                 marks["prune_start"] = when
             elif message.startswith("generation ") and " in " in message:

@@ -27,7 +27,7 @@ from backupenv import System
 from jwbackup import rsync
 from jwbackup.managers import Manifest
 from jwbackup.select import Selector
-from jwbackup.transfer import LINKER, RSYNC, choose, probe_filesystem
+from jwbackup.transfer import LINKER, REMOTE, RSYNC, choose, probe_filesystem
 from jwbackup.repository import Repository
 from jwbackup.transfer import remote
 from jwbackup.transfer.linker import build, read_attrs
@@ -390,7 +390,7 @@ def test_full_destination_fails_with_one_line_and_keeps_earlier_generation(tmp_p
         subprocess.run(["umount", "-l", mnt], check=False)
 
 
-def test_choice_uses_the_linker_only_for_a_capable_local_filesystem(tmp_path):
+def test_choice_uses_the_linker_for_a_capable_local_filesystem_and_remote_after_a_recorded_run(tmp_path):
     from jwbackup.config import Destination
 
     local = Destination(directory=str(tmp_path))
@@ -400,7 +400,13 @@ def test_choice_uses_the_linker_only_for_a_capable_local_filesystem(tmp_path):
     target = str(tmp_path / "2024-01-02-00:00:00.partial")
     assert choose("auto", local, target, [str(gen)])[0] == LINKER
     assert choose("rsync", local, target, [str(gen)])[0] == RSYNC
-    assert choose("auto", remote, target, [str(gen)])[0] == RSYNC
+    assert choose("auto", remote, target, [str(gen)])[0] == RSYNC  # no record of the previous run
+    record = {"name": gen.name, "started_ns": 1, "source": "host:/"}
+    assert choose("auto", remote, target, [str(gen)], previous=record, source="host:/")[0] == REMOTE
+    assert choose("auto", remote, target, [str(gen)], previous=record, source="other:/")[0] == RSYNC
+    assert choose("auto", remote, target, [str(gen)], previous={"name": gen.name}, source="host:/")[0] == RSYNC
+    assert choose("auto", remote, target, [str(gen)], dry_run=True, previous=record, source="host:/")[0] == RSYNC
+    assert choose("rsync", remote, target, [str(gen)], previous=record, source="host:/")[0] == RSYNC
     assert choose("auto", local, target, [str(gen)], dry_run=True)[0] == RSYNC
     assert choose("auto", local, target, [str(tmp_path)])[0] == RSYNC  # not a generation
     assert probe_filesystem(str(tmp_path)) is None
