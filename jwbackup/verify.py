@@ -49,6 +49,7 @@ import struct
 import threading
 import time
 import zlib
+from array import array
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import AbstractSet, Iterable
@@ -124,14 +125,14 @@ def check(
     entries, everything = _under(manifest, roots)
     cache_path = prefix + cache_file if cache_file and mode != "none" else None
     cache = _load_cache(cache_path) if cache_path else _Cache()
-    order, misses, no_digest = _scan(entries, mode, prefix, cache, modified)
+    order, missed, misses, no_digest = _scan(entries, mode, prefix, cache, modified)
     stats.checked = cache.hits + len(misses)
     stats.cache_hits = cache.hits
     new = _judge(misses, stats, modified, workers)
     stats.no_digest = _files_among(no_digest, prefix)
     complete = everything and mode == "all"  # every record of a file still there was met
     if cache_path and (new or cache.jumps or (complete and cache.hits < cache.count)):
-        _save_cache(cache_path, cache.records(order, new, keep_unmet=not complete))
+        _save_cache(cache_path, cache.records(order, missed, new, keep_unmet=not complete))
     stats.modified = len(modified)
     stats.seconds = time.monotonic() - started
     logger.info(
@@ -163,23 +164,25 @@ def _under(manifest: Manifest, roots: Iterable[str | bytes]) -> tuple[Iterable[t
 # -- comparing -------------------------------------------------------------------
 
 
-def _scan(entries, mode, prefix, cache: _Cache, modified) -> tuple[list, list, list[bytes]]:
-    """The lstat pass, judging every file the cache knows: (order, misses, no_digest).
+def _scan(entries, mode, prefix, cache: _Cache, modified) -> tuple[array, list[bytes], list, list[bytes]]:
+    """The lstat pass, judging every file the cache knows: (order, missed, misses, no_digest).
 
     ``order`` lists, in scan order, what the next cache holds: the offset
-    of a record met in this cache, or the stat key of a file to hash.
-    ``misses`` are the files to hash, as ``(stat key or None, path, real
-    path, size, digest)``.  Modified files, and conffiles that count as
-    modified without being read, go into ``modified``.
+    of a record met in this cache, or -1 for a file to hash, whose stat key
+    is the next one in ``missed``.  ``misses`` are the files to hash, as
+    ``(stat key or None, path, real path, size, digest)``.  Modified files,
+    and conffiles that count as modified without being read, go into
+    ``modified``.
     """
-    order: list = []
+    order = array("q")
+    missed: list[bytes] = []
     misses: list = []
     no_digest: list[bytes] = []
     lstat = os.lstat
     isreg = stat.S_ISREG
     pack = _KEY.pack
     body, find = cache.body, cache.find
-    at = 0  # where the next record is expected: files come in the order the last run saved them
+    at = cache.start  # where the next record is expected: files come in the order the last run saved them
     everything = mode == "all"
     for path, entry in entries:
         digest = entry.digest
@@ -207,7 +210,8 @@ def _scan(entries, mode, prefix, cache: _Cache, modified) -> tuple[list, list, l
         if not body.startswith(key, at):
             found = find(key)
             if found < 0:
-                order.append(key)
+                order.append(-1)
+                missed.append(key)
                 misses.append((key, path, real, st.st_size, digest))
                 at += _RECORD.size  # past the record this file had, if it had one
                 continue
@@ -216,8 +220,8 @@ def _scan(entries, mode, prefix, cache: _Cache, modified) -> tuple[list, list, l
         if body[at + _KEY.size:at + _RECORD.size] != digest.value.encode():
             modified.add(path)
         at += _RECORD.size
-    cache.hits = len(order) - sum(1 for m in misses if m[0] is not None)
-    return order, misses, no_digest
+    cache.hits = len(order) - len(missed)
+    return order, missed, misses, no_digest
 
 
 def _judge(misses, stats, modified, workers) -> dict[bytes, bytes]:
@@ -345,9 +349,10 @@ class _Cache:
     is built the first time one is.
     """
 
-    def __init__(self, body: bytes = b""):
-        self.body = body
-        self.count = len(body) // _RECORD.size
+    def __init__(self, data: bytes = b"", start: int = 0):
+        self.body = data  # the records are data[start:], offsets are into data: no copy is made
+        self.start = start
+        self.count = (len(data) - start) // _RECORD.size
         self.hits = 0  # set by the scan
         self.jumps = 0  # records met out of order: saving again puts them in order
         self._index: dict[bytes, int] | None = None
@@ -356,24 +361,28 @@ class _Cache:
         """The offset of the record for ``key``, or -1."""
         if self._index is None:
             body, size = self.body, _KEY.size
-            self._index = {body[at:at + size]: at for at in range(0, len(body), _RECORD.size)}
+            self._index = {body[at:at + size]: at for at in range(self.start, len(body), _RECORD.size)}
         at = self._index.get(key, -1)
         self.jumps += at >= 0
         return at
 
-    def records(self, order: list, new: dict[bytes, bytes], keep_unmet: bool) -> list[bytes]:
-        """The records for the next run, in scan order; ``keep_unmet`` keeps the ones not met."""
+    def records(self, order: array, missed: list[bytes], new: dict[bytes, bytes], keep_unmet: bool) -> list[bytes]:
+        """The records for the next run, in scan order; ``keep_unmet`` keeps the ones not met.
+
+        ``order`` holds the offset of each record met, or -1 for the next
+        stat key of ``missed``, whose record is in ``new`` if it was hashed.
+        """
         body, size = self.body, _RECORD.size
         out = []
-        met = set()
-        for item in order:
-            if item.__class__ is int:
-                out.append(body[item:item + size])
-                met.add(item)
-            elif (value := new.get(item)) is not None:
-                out.append(item + value)
+        missed_keys = iter(missed)
+        for at in order:
+            if at >= 0:
+                out.append(body[at:at + size])
+            elif (value := new.get(key := next(missed_keys))) is not None:
+                out.append(key + value)
         if keep_unmet:
-            out += [body[at:at + size] for at in range(0, len(body), size) if at not in met]
+            met = set(order)
+            out += [body[at:at + size] for at in range(self.start, len(body), size) if at not in met]
         return out
 
 
@@ -386,8 +395,10 @@ def _load_cache(path: bytes) -> _Cache:
     except OSError as exc:
         logger.warning("cannot read the verification cache %s (%s); every file is hashed", os.fsdecode(path), exc.strerror)
         return _Cache()
-    head, _, rest = data.partition(b"\n")
-    count_line, _, body = rest.partition(b"\n")
+    first = data.find(b"\n")
+    second = data.find(b"\n", first + 1)
+    head, count_line = data[:max(first, 0)], data[first + 1:max(second, first + 1)]
+    start = second + 1 if first >= 0 and second >= 0 else len(data)
     words = head.split(b" ")
     if len(words) != 3 or words[0] != CACHE_MAGIC:
         problem = "not a jwbackup verification cache"
@@ -400,10 +411,10 @@ def _load_cache(path: bytes) -> _Cache:
             count, crc = -1, -1
         # The checksum catches damage; a record that is still wrong matches no
         # file (keys are compared whole) or no recorded digest (the file is kept).
-        if zlib.crc32(body) != crc or len(body) != count * _RECORD.size:
+        if zlib.crc32(memoryview(data)[start:]) != crc or len(data) - start != count * _RECORD.size:
             problem = "corrupt or truncated"
         else:
-            return _Cache(body)
+            return _Cache(data, start)
     logger.warning("verification cache %s ignored: %s; every file is hashed again", os.fsdecode(path), problem)
     return _Cache()
 
@@ -411,8 +422,8 @@ def _load_cache(path: bytes) -> _Cache:
 def _save_cache(path: bytes, records: list[bytes]) -> None:
     """Write the cache through a temporary neighbour and a rename; failures are warnings."""
     body = b"".join(records)
-    data = b"%s %d %s\n%d %d\n" % (CACHE_MAGIC, CACHE_VERSION, CACHED_ALGORITHM.encode(), len(records),
-                                    zlib.crc32(body)) + body
+    head = b"%s %d %s\n%d %d\n" % (CACHE_MAGIC, CACHE_VERSION, CACHED_ALGORITHM.encode(), len(records),
+                                    zlib.crc32(body))
     directory = os.path.dirname(path)
     tmp = path + b".new"
     try:
@@ -423,7 +434,8 @@ def _save_cache(path: bytes, records: list[bytes]) -> None:
                 f.write(CACHEDIR_TAG)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(head)
+            f.write(body)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -328,7 +328,7 @@ def canonicalize(entries: dict[bytes, Entry], canon: Canonicalizer) -> dict[byte
     if moved:
         renamed.update(compress(keys, map(moved.__contains__, parent_of)))
         renamed.update(moved.keys() & entries.keys())
-    popped = [(key, entries.pop(key)) for key in renamed]
+    popped = [(key, entries.pop(key)) for key in sorted(renamed)]  # sorted: the same order every run
     for key, entry in popped:
         new = moved.get(key) or canon(key)
         old = entries.get(new)
@@ -401,7 +401,7 @@ def _load_manifest(root: str | bytes) -> Manifest:
             )
             continue
         owned = _package_entries(package, owner, os.path.join(info_dir, os.fsencode(owner)), warn)
-        for frm in owned.keys() & diversions.keys():
+        for frm in sorted(owned.keys() & diversions.keys()):
             to, diverter = diversions[frm]
             if diverter != package.name:
                 # dpkg installed this package's ``frm`` as ``to``.
