@@ -95,10 +95,17 @@ def test_directory_swapped_for_a_symlink_after_the_walk_writes_nothing_outside(j
     assert os.readlink(system.dest / newest / "home/alice/docs") == os.fsencode(outside).decode()
 
 
-def test_directory_swapped_for_a_symlink_after_the_walk_brings_nothing_from_outside(jwbackup, system, tmp_path):
+@pytest.mark.parametrize("over", ["local", "ssh"])
+def test_directory_swapped_for_a_symlink_after_the_walk_brings_nothing_from_outside(
+        jwbackup, system, tmp_path, over, request):
     """rsync reads through a nosymfollow view of the source (jwbackup.confine): the
     swapped path fails and is reported; nothing from outside enters a generation."""
-    system.configure(extra=RSYNC)
+    if over == "ssh":
+        sshd = request.getfixturevalue("sshd")
+        system.configure(destination=f"  host: 127.0.0.1\n  port: {sshd.port}\n  user: {sshd.user}\n"
+                                     f"  key: {sshd.key}\n  known_hosts: {sshd.known_hosts}\n")
+    else:
+        system.configure(extra=RSYNC)
     outside, env = _swap_docs_for_a_symlink(system, tmp_path)
     result = backup(jwbackup, system, ok=False, env=env)
     assert result.returncode == 1, result.stderr
