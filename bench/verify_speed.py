@@ -38,7 +38,7 @@ def timed(fn):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="/")
-    parser.add_argument("--workers", type=int, default=None, help="hashing threads (default: CPUs + 1, at most 8)")
+    parser.add_argument("--workers", type=int, default=None, help="hashing processes (default: CPUs, at most 8)")
     parser.add_argument("--no-dpkg", action="store_true", help="skip the dpkg --verify reference")
     parser.add_argument("--repeat", type=int, default=5, help="runs of the cached verification and the lstat pass")
     args = parser.parse_args()

@@ -43,13 +43,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
 import stat
 import struct
-import threading
 import time
 import zlib
 from array import array
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import AbstractSet, Iterable
@@ -75,6 +77,7 @@ CACHEDIR_TAG = (
 CHUNK = 1 << 20
 RACY_NS = 2_000_000_000  # a file changed this recently may change again within the same timestamp tick
 MAX_WORKERS = 8
+PROCESS_MIN = 2000  # fewer files to hash are hashed in this process: starting workers costs more
 _NOATIME = getattr(os, "O_NOATIME", 0)
 VANISHED = "vanished"  # removed or replaced between the lstat and the open
 
@@ -231,7 +234,7 @@ def _judge(misses, stats, modified, workers) -> dict[bytes, bytes]:
         return new
     misses.sort(key=itemgetter(3), reverse=True)  # the largest first: the workers finish together
     for path, digest, actual, key in _hash_all(misses, workers, stats):
-        if actual is VANISHED:
+        if actual == VANISHED:  # compared by value: it may come from a worker process
             continue
         if actual is None:
             stats.unreadable += 1
@@ -257,39 +260,39 @@ def _files_among(paths: list[bytes], prefix: bytes) -> int:
 
 
 def _hash_all(misses, workers, stats) -> list[tuple[bytes, object, str | None, bytes | None]]:
-    """Hash the files in parallel threads (read() and hashlib release the GIL)."""
-    workers = workers or min(MAX_WORKERS, (os.cpu_count() or 1) + 1)
-    workers = max(1, min(workers, len(misses)))
-    results: list[list] = [[] for _ in range(workers)]
-    counted = [[0, 0] for _ in range(workers)]
-    todo = iter(misses)
-    lock = threading.Lock()
+    """Hash the files: in worker processes when there are many, else here.
 
-    def work(n: int) -> None:
-        out = results[n]
-        buf = bytearray(CHUNK)
-        while True:
-            with lock:
-                item = next(todo, None)
-            if item is None:
-                return
-            _, path, real, _, digest = item
-            actual, key, size = _hash_file(real, digest.algorithm, buf)
-            if actual is not None and actual is not VANISHED:
-                counted[n][0] += 1
-                counted[n][1] += size
-            out.append((path, digest, actual, key))
+    Most package files are small, so the work per file is Python's, and
+    threads would take turns on the GIL; forked workers share nothing but
+    the file names, and pick up chunks as they finish (the largest files come
+    first, so the workers end together).
+    """
+    workers = workers or min(MAX_WORKERS, os.cpu_count() or 1)
+    jobs = [(item[2], item[4].algorithm) for item in misses]
+    hashed = None
+    if workers > 1 and len(jobs) >= PROCESS_MIN:
+        size = max(64, len(jobs) // (workers * 16))
+        chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+        logger.debug("hashing %d files in %d worker processes", len(jobs), workers)
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                hashed = [result for part in pool.map(_hash_chunk, chunks) for result in part]
+        except (OSError, BrokenProcessPool) as exc:
+            logger.debug("hashing in worker processes failed (%s); hashing here", exc)
+    if hashed is None:
+        hashed = _hash_chunk(jobs)
+    out = []
+    for item, (actual, key, size) in zip(misses, hashed):
+        if actual is not None and actual != VANISHED:
+            stats.hashed += 1
+            stats.bytes_hashed += size
+        out.append((item[1], item[4], actual, key))
+    return out
 
-    threads = [threading.Thread(target=work, args=(n,), name=f"jwbackup-verify-{n}", daemon=True)
-               for n in range(1, workers)]
-    for t in threads:
-        t.start()
-    work(0)
-    for t in threads:
-        t.join()
-    stats.hashed += sum(c[0] for c in counted)
-    stats.bytes_hashed += sum(c[1] for c in counted)
-    return [item for part in results for item in part]
+
+def _hash_chunk(jobs: list[tuple[bytes, str]]) -> list[tuple[str | None, bytes | None, int]]:
+    buf = bytearray(CHUNK)
+    return [_hash_file(real, algorithm, buf) for real, algorithm in jobs]
 
 
 def _hash_file(real: bytes, algorithm: str, buf: bytearray) -> tuple[str | None, bytes | None, int]:
@@ -359,6 +362,8 @@ class _Cache:
 
     def find(self, key: bytes) -> int:
         """The offset of the record for ``key``, or -1."""
+        if not self.count:
+            return -1
         if self._index is None:
             body, size = self.body, _KEY.size
             self._index = {body[at:at + size]: at for at in range(self.start, len(body), _RECORD.size)}

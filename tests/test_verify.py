@@ -335,3 +335,24 @@ def test_cache_records_out_of_order_are_still_used_and_saved_back_in_order(debia
     assert (verifier.stats.cache_hits, verifier.stats.hashed) == (4, 0)
     with open(debian.path(CACHE), "rb") as f:
         assert f.read().split(b"\n", 2)[2] == body
+
+
+def test_many_files_are_hashed_in_worker_processes_with_the_same_verdicts(tmp_path, caplog):
+    root = DebianRoot(tmp_path / "system")
+    count = verify.PROCESS_MIN + 50
+    root.package("many", files={b"/usr/share/many/f%05d" % i: b"file %d\n" % i for i in range(count)})
+    root.write()
+    for i in (7, 1234, count - 1):
+        with open(root.path(b"/usr/share/many/f%05d" % i), "ab") as f:
+            f.write(b"changed\n")
+    os.unlink(root.path(b"/usr/share/many/f00042"))
+    manifest = load_manifest(root.root)
+    caplog.set_level("DEBUG", logger="jwbackup.verify")
+    here = verify.check(manifest, root.root, cache_file=None, workers=1)
+    assert "worker processes" not in caplog.text
+    pooled = verify.check(manifest, root.root, cache_file=None, workers=2)
+    assert f"hashing {count - 1} files in 2 worker processes" in caplog.text
+    expected = {b"/usr/share/many/f%05d" % i for i in (7, 1234, count - 1)}
+    assert pooled.modified == here.modified == expected
+    assert pooled.stats.hashed == here.stats.hashed == count - 1
+    assert pooled.stats.bytes_hashed == here.stats.bytes_hashed
