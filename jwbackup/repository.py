@@ -62,7 +62,10 @@ set -e
 cd -- "$1"
 shift
 for name; do
-    case $name in .deleting-*) ;; *) mv -T -- "$name" ".deleting-$name" ;; esac
+    case $name in
+        .deleting-*) ;;
+        *) if [ -e "$name" ] || [ -L "$name" ]; then mv -T -- "$name" ".deleting-$name"; fi ;;
+    esac
 done
 for name; do
     name=${name#.deleting-}

@@ -512,3 +512,38 @@ def _jwbackup() -> str:
     from conftest import JWBACKUP
 
     return str(JWBACKUP)
+
+
+class _VanishingRepository(Repository):
+    """A destination where another process removes the previous generation right after it is listed."""
+
+    def tree(self, name: str) -> bytes:
+        listing = super().tree(name)
+        shutil.rmtree(self.path(name))
+        return listing
+
+
+@pytest.mark.parametrize("vanishes", ["before the listing", "after the listing"])
+def test_remote_builder_sends_everything_when_the_previous_generation_vanishes(world, caplog, vanishes):
+    tmp, src = world
+    settle(src)
+    paths = selection(src)
+    gens = tmp / "gens"
+    gens.mkdir()
+    first = gens / "2026-01-01-00:00:00"
+    assert build_rsync(src, first, [], paths).returncode == 0
+    expected = tmp / "expected"
+    assert build_rsync(src, expected, [], paths).returncode == 0
+    if vanishes == "before the listing":
+        shutil.rmtree(first)
+        repo = Repository(Local(), str(gens))
+    else:
+        repo = _VanishingRepository(Local(), str(gens))
+    target = gens / "2026-01-02-00:00:00.partial"
+    argv = rsync.make_command(str(src), str(target), [str(first)])
+    result = remote.build(repo, os.fsencode(src), iter(paths), first.name, target.name, time.time_ns(),
+                          lambda listed: rsync.transfer(argv, listed))
+    assert result.returncode == 0, result.errors
+    assert "rsync gets every path" in caplog.text
+    assert describe(target) == describe(expected)
+    assert sorted(os.listdir(gens)) == [target.name]  # no half copy left beside it

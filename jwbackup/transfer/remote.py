@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from jwbackup.execute import CommandError
 from jwbackup.rsync import Result, Stats
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ _KINDS = {
 class Plan:
     send: list[bytes] = field(default_factory=list)  # system paths for rsync, in walk order
     remove: list[bytes] = field(default_factory=list)  # paths relative to the generation
-    kept: int = 0  # non-directories left as links to the previous generation
+    kept: list[bytes] = field(default_factory=list)  # non-directories left as links to the previous generation
     kept_files: int = 0  # regular ones among them
     kept_size: int = 0  # their bytes
 
@@ -117,7 +118,7 @@ def plan(root: bytes, paths: Iterable[bytes], previous: dict[bytes, tuple], star
                 and old == (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
                             st.st_mtime_ns // 1_000_000_000)):
             keep.add(relative)
-            result.kept += 1
+            result.kept.append(path)
             if kind == b"f":
                 result.kept_files += 1
                 result.kept_size += st.st_size
@@ -146,9 +147,17 @@ def _removals(previous: dict[bytes, tuple], keep: set[bytes], dirs: set[bytes]) 
 
 def build(repo, root: bytes, paths: Iterable[bytes], previous: str, partial: str, started_ns: int,
           send: Callable[[Iterable[bytes]], Result]) -> Result:
-    """Build ``partial`` from generation ``previous`` of ``repo``; ``send`` runs rsync on a list of paths."""
+    """Build ``partial`` from generation ``previous`` of ``repo``; ``send`` runs rsync on a list of paths.
+
+    If ``previous`` cannot be listed or copied (another process removed it
+    meanwhile), rsync gets every path, as it would without this builder.
+    """
     listed = time.monotonic()
-    listing = parse_listing(repo.tree(previous))
+    try:
+        listing = parse_listing(repo.tree(previous))
+    except CommandError as exc:
+        logger.warning("cannot list %s (%s); rsync gets every path", previous, exc)
+        return send(paths)
     logger.debug("listed %s: %d entries in %.2f s", previous, len(listing), time.monotonic() - listed)
     sorted_at = time.monotonic()
     try:
@@ -156,12 +165,17 @@ def build(repo, root: bytes, paths: Iterable[bytes], previous: str, partial: str
     except Exception as exc:  # the walk failed: the selection is incomplete
         return Result(0, Stats(), walk_error=exc)
     logger.info("%d unchanged entries kept from %s, %d paths to rsync, %d entries to remove first",
-                work.kept, previous, len(work.send), len(work.remove))
+                len(work.kept), previous, len(work.send), len(work.remove))
     logger.debug("planned in %.2f s", time.monotonic() - sorted_at)
-    repo.prepare(previous, partial, work.remove)
+    try:
+        repo.prepare(previous, partial, work.remove)
+    except CommandError as exc:
+        logger.warning("cannot copy %s (%s); rsync gets every path", previous, exc)
+        repo.remove(partial)  # a half copy shares inodes with the previous generation: never write into it
+        return send(sorted(work.send + work.kept))
     result = send(work.send)
     s = result.stats
-    s.files += work.kept
+    s.files += len(work.kept)
     s.regular_files += work.kept_files
     s.total_size += work.kept_size
     return result
