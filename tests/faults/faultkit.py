@@ -142,3 +142,28 @@ def big_file(path: bytes, size: int) -> None:
         chunk = b"\1" * (8 << 20)
         for _ in range(size // len(chunk)):
             f.write(chunk)
+
+
+def writing_big_file(system: System) -> bool:
+    """Is a run writing ``/srv/zz-big`` (rsync's temporary name) into its ``.partial``?"""
+    partials = system.partials()
+    srv = system.dest / partials[0] / "srv" if partials else None
+    return srv is not None and srv.is_dir() and any(n.startswith(".zz-big.") for n in os.listdir(srv))
+
+
+def start_during_a_big_transfer(jwbackup, system: System, log, size: int, timeout: float):
+    """A first generation, then a run with a big new file to copy, returned while it copies that
+    file: ``(first generation, snapshot of the generations, the running process)``."""
+    backup(jwbackup, system)
+    (first,) = complete_generations(system.dest)
+    before = snapshot(system.dest)
+    system.write(b"/srv/small", b"x")
+    big_file(system.path(b"/srv/zz-big"), size)
+    proc = start(system, log)
+    try:
+        wait_for(lambda: writing_big_file(system), timeout, "the transfer of the big file")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return first, before, proc

@@ -17,9 +17,8 @@ import pytest
 
 from backupenv import System
 from faultkit import (
-    RSYNC,
-    Seam, assert_untouched, backup, big_file, complete_generations, kill_all, processes_with, snapshot, start,
-    wait_for,
+    RSYNC, Seam, assert_untouched, backup, big_file, complete_generations, kill_all, processes_with, snapshot,
+    start, wait_for, writing_big_file,
 )
 
 
@@ -80,13 +79,7 @@ def test_jwbackup_killed_during_the_transfer_takes_rsync_with_it(jwbackup, syste
     marker = os.fsencode(system.dest)
 
     def reached():
-        partials = system.partials()
-        if not partials:
-            return False
-        if moment == "early":
-            return True
-        srv = system.dest / partials[0] / "srv"
-        return srv.is_dir() and any(n.startswith(".zz-big.") for n in os.listdir(srv))
+        return system.partials() if moment == "early" else writing_big_file(system)
 
     wait_for(reached, 60, f"the {moment} transfer")
     rsyncs = [p for p in processes_with(marker) if p != proc.pid]

@@ -8,7 +8,7 @@ import pytest
 
 from backupenv import System
 from faultkit import (
-    assert_untouched, backup, big_file, complete_generations, one_error_line, snapshot, start, wait_for,
+    assert_untouched, backup, complete_generations, one_error_line, start_during_a_big_transfer,
 )
 from sshd import keygen
 
@@ -46,20 +46,8 @@ def test_changed_host_key_is_refused_even_with_accept_new(jwbackup, system, sshd
 
 def test_sshd_killed_mid_transfer_keeps_generations_and_the_next_run_succeeds(jwbackup, system, sshd, tmp_path):
     system.configure(destination=_ssh(sshd))
-    backup(jwbackup, system)
-    (first,) = complete_generations(system.dest)
-    before = snapshot(system.dest)
-    system.write(b"/srv/small", b"x")
-    big_file(system.path(b"/srv/zz-big"), 128 << 20)
-    proc = start(system, tmp_path / "run.log")
-
-    def transferring():
-        partials = system.partials()
-        srv = system.dest / partials[0] / "srv" if partials else None
-        return srv is not None and srv.is_dir() and any(n.startswith(".zz-big.") for n in os.listdir(srv))
-
+    first, before, proc = start_during_a_big_transfer(jwbackup, system, tmp_path / "run.log", 128 << 20, 60)
     try:
-        wait_for(transferring, 60, "the transfer of the big file")
         sshd.stop()
         _, err = proc.communicate(timeout=120)
     finally:

@@ -17,7 +17,7 @@ import pytest
 
 from backupenv import System
 from faultkit import (
-    assert_untouched, backup, big_file, complete_generations, snapshot, start, wait_for,
+    assert_untouched, backup, complete_generations, snapshot, start_during_a_big_transfer,
 )
 
 CHUNK = 64 << 10
@@ -166,20 +166,8 @@ def test_backup_over_a_slow_link_completes_with_the_right_files(jwbackup, system
 def test_stalled_link_gives_up_in_bounded_time_and_the_next_run_succeeds(jwbackup, system, sshd, tmp_path):
     with Link((sshd.host, sshd.port), rate=1 << 20) as link:
         system.configure(destination=_via(link, sshd, tmp_path, "  timeout: 3\n"))
-        backup(jwbackup, system)
-        (first,) = complete_generations(system.dest)
-        before = snapshot(system.dest)
-        system.write(b"/srv/small", b"x")
-        big_file(system.path(b"/srv/zz-big"), 32 << 20)
-        proc = start(system, tmp_path / "run.log")
-
-        def transferring():
-            partials = system.partials()
-            srv = system.dest / partials[0] / "srv" if partials else None
-            return srv is not None and srv.is_dir() and any(n.startswith(".zz-big.") for n in os.listdir(srv))
-
+        first, before, proc = start_during_a_big_transfer(jwbackup, system, tmp_path / "run.log", 32 << 20, 30)
         try:
-            wait_for(transferring, 30, "the transfer of the big file")
             link.stall()
             stalled = time.monotonic()
             _, err = proc.communicate(timeout=60)
