@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--work", default=DEFAULT_WORK, help=f"work directory (default {DEFAULT_WORK})")
     p.add_argument("--scenarios", help="comma-separated subset of: " + ",".join(SCENARIOS))
     p.add_argument("--no-borg", action="store_true", help="leave out borgmatic (slow)")
-    p.add_argument("--tools", help="comma-separated subset of the tools (e.g. jwbackup,rsync)")
+    p.add_argument("--tools", help="comma-separated tools (e.g. jwbackup,rsync); each takes part in every round")
     p.add_argument("--sweep", help="comma-separated scales: first+unchanged, jwbackup vs rsync, one pair, and a plot")
     args = p.parse_args(argv)
     if args.quick:
@@ -141,7 +141,8 @@ def run_scenarios(args, meta: dict, system_dir: str, scenarios: list[str], work:
                         tool.wipe()
                 change = mutate(scenario, system_dir)
                 for tool in tools:
-                    if not takes_part(tool, scenario, round_) or (args.tools and tool.name not in args.tools.split(",")):
+                    named = args.tools.split(",") if args.tools else None
+                    if not (tool.name in named if named else takes_part(tool, scenario, round_)):
                         continue
                     if scenario.endswith("first") and uses_jwbackup(tool):
                         jw.forget_digests()  # each pays for hashing every installed file once
