@@ -166,8 +166,11 @@ Checksums are cached in
 .B transfer
 How generations are built:
 .B auto
-(default) or
-.BR rsync .
+(default: a hard-link builder for a local destination; over ssh, a hard-linked
+copy of the previous generation, with rsync for what changed since) or
+.B rsync
+(always
+.BR "rsync \-\-link\-dest" ).
 .TP
 .BR hooks.before ", " after ", " on_error
 Shell commands run before a backup, after a committed generation, and when a
