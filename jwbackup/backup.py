@@ -99,6 +99,7 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
                 "seconds": round(time.monotonic() - started, 1),
                 "started_ns": started_ns,
                 "source": source,
+                "incomplete": result.returncode == rsync.PARTIAL,  # some files or attributes not copied
             })
             plan = generations.plan_retention((name,) + listing.complete, dest.generations, dest.keep)
             for old in plan.remove:

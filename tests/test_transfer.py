@@ -404,6 +404,7 @@ def test_choice_uses_the_linker_for_a_capable_local_filesystem_and_remote_after_
     record = {"name": gen.name, "started_ns": 1, "source": "host:/"}
     assert choose("auto", remote, target, [str(gen)], previous=record, source="host:/")[0] == REMOTE
     assert choose("auto", remote, target, [str(gen)], previous=record, source="other:/")[0] == RSYNC
+    assert choose("auto", remote, target, [str(gen)], previous={**record, "incomplete": True}, source="host:/")[0] == RSYNC
     assert choose("auto", remote, target, [str(gen)], previous={"name": gen.name}, source="host:/")[0] == RSYNC
     assert choose("auto", remote, target, [str(gen)], dry_run=True, previous=record, source="host:/")[0] == RSYNC
     assert choose("rsync", remote, target, [str(gen)], previous=record, source="host:/")[0] == RSYNC

@@ -103,6 +103,9 @@ def choose(mode: str, destination, target: str, link_dests: Sequence[str], dry_r
             return RSYNC, "over ssh, no earlier generation with a record"
         if not isinstance(previous.get("started_ns"), int) or previous.get("source") != source:
             return RSYNC, f"over ssh, {previous.get('name')} was not made by this version from {source}"
+        if previous.get("incomplete"):
+            # rsync would try again what it could not copy then, and say so
+            return RSYNC, f"over ssh, {previous.get('name')} was committed with files or attributes missing"
         return REMOTE, f"over ssh, unchanged entries kept from {previous.get('name')}"
     directory = os.path.dirname(target.rstrip("/"))
     if os.path.lexists(target):
