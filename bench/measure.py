@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
+import synth
+
 
 @dataclass
 class Run:
@@ -101,15 +103,8 @@ def du(path: str) -> int:
 
 
 def count_entries(top: str) -> int:
-    count = 0
-    stack = [os.fsencode(top)]
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for e in it:
-                count += 1
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-    return count
+    """Entries below ``top`` (not following symlinks)."""
+    return synth.count_entries(os.fsencode(top))
 
 
 def children_cpu(pid: int) -> float:

@@ -25,7 +25,6 @@ from jwbackup import generations
 from jwbackup.errors import DestinationError
 from jwbackup.execute import CommandError
 from jwbackup.generations import Listing
-from jwbackup.transfer import remote
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +52,15 @@ mv -T -- .latest.new latest
 mkdir -p -- .stats
 printf '%s\n' "$4" > ".stats/$3.json.new"
 mv -T -- ".stats/$3.json.new" ".stats/$3.json"
+"""
+
+# $1 previous generation, $2 the new partial; stdin: NUL-terminated relative paths to remove
+_PREPARE = r"""
+set -e
+[ ! -e "$2" ] && [ ! -L "$2" ] || exit 92
+cp -alT -- "$1" "$2"
+cd -- "$2"
+xargs -0r rm -rf --one-file-system --
 """
 
 # $1 directory, then names: rename all out of the way first (fast, atomic),
@@ -131,14 +139,14 @@ class Repository:
         if result.returncode != 0:
             raise CommandError(["sh"], result.returncode, result.stderr, where=self._where())
 
-    def tree(self, name: str) -> bytes:
-        """Every entry of generation ``name``, as ``find -printf`` writes :data:`remote.LIST_FORMAT`."""
-        return self.transport.run(["find", self.path(name), "-mindepth", "1", "-printf", remote.LIST_FORMAT]).stdout
+    def tree(self, name: str, fmt: str) -> bytes:
+        """Every entry of generation ``name``, as ``find -printf fmt`` writes it, parents first."""
+        return self.transport.run(["find", self.path(name), "-mindepth", "1", "-printf", fmt]).stdout
 
     def prepare(self, previous: str, partial: str, remove: list[bytes]) -> None:
         """Create ``partial`` as a hard-linked copy of ``previous``, less the ``remove`` paths."""
         data = b"".join(path + b"\0" for path in remove)
-        result = self._script(remote.PREPARE, self.path(previous), self.path(partial), input=data, check=False)
+        result = self._script(_PREPARE, self.path(previous), self.path(partial), input=data, check=False)
         if result.returncode == _CLOBBER:
             raise DestinationError(f"cannot create {partial}: {self.path(partial)} exists")
         if result.returncode != 0:

@@ -518,8 +518,8 @@ def _jwbackup() -> str:
 class _VanishingRepository(Repository):
     """A destination where another process removes the previous generation right after it is listed."""
 
-    def tree(self, name: str) -> bytes:
-        listing = super().tree(name)
+    def tree(self, name: str, fmt: str) -> bytes:
+        listing = super().tree(name, fmt)
         shutil.rmtree(self.path(name))
         return listing
 

@@ -48,15 +48,6 @@ MARGIN_NS = 2_000_000_000  # ctime ticks are coarse; a change this close to the 
 # kind mode uid gid size mtime path, each record NUL-terminated
 LIST_FORMAT = "%y %m %U %G %s %T@ %P\\0"
 
-# $1 previous generation, $2 the new partial; stdin: NUL-terminated relative paths to remove
-PREPARE = r"""
-set -e
-[ ! -e "$2" ] && [ ! -L "$2" ] || exit 92
-cp -alT -- "$1" "$2"
-cd -- "$2"
-xargs -0r rm -rf --one-file-system --
-"""
-
 _KINDS = {
     stat.S_IFREG: b"f", stat.S_IFDIR: b"d", stat.S_IFLNK: b"l", stat.S_IFBLK: b"b",
     stat.S_IFCHR: b"c", stat.S_IFIFO: b"p", stat.S_IFSOCK: b"s",
@@ -154,7 +145,7 @@ def build(repo, root: bytes, paths: Iterable[bytes], previous: str, partial: str
     """
     listed = time.monotonic()
     try:
-        listing = parse_listing(repo.tree(previous))
+        listing = parse_listing(repo.tree(previous, LIST_FORMAT))
     except CommandError as exc:
         logger.warning("cannot list %s (%s); rsync gets every path", previous, exc)
         return send(paths)
