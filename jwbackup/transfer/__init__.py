@@ -1,11 +1,11 @@
-"""Choosing how a generation is built: rsync, or the local linker.
+"""Choosing how a generation is built: rsync, the local linker, or the ssh builder.
 
 ``transfer: auto`` (the default) uses :mod:`jwbackup.transfer.linker` when the
 destination is a local directory on a filesystem with hard links, xattrs and
 POSIX ACLs, and every link-dest is a jwbackup generation on that same
-filesystem; otherwise, and always for ssh destinations and dry runs, rsync.
-``transfer: rsync`` always uses rsync.  Both build identical generations
-(``tests/test_transfer.py`` proves it against the real rsync).
+filesystem; otherwise (and for dry runs) rsync, except as below for ssh.
+``transfer: rsync`` always uses rsync.  Every builder builds the generation
+rsync would (``tests/test_transfer.py`` proves it against the real rsync).
 
 ssh destinations use :mod:`jwbackup.transfer.remote` when the newest
 generation's record says when its run started and that it backed up the same
