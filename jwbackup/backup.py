@@ -31,6 +31,8 @@ from jwbackup.transfer import remote
 logger = logging.getLogger(__name__)
 
 MAX_PARTIAL_LINK_DESTS = 5
+# rsync's exits for a link that failed: protocol stream (12), ssh (255), silence (30, 35)
+_LINK_FAILURES = (12, 255, rsync.TIMEOUT, rsync.CONNECT_TIMEOUT)
 
 
 @dataclass
@@ -144,7 +146,7 @@ def _where(t, path: str) -> str:
 
 def _transfer_error(t, result: rsync.Result, partial: str, builder: str = "rsync") -> JwbackupError:
     stderr = "\n".join(result.errors).encode()
-    connection = t.connection_error(stderr) if result.returncode in (12, 255) else None
+    connection = t.connection_error(stderr, result.returncode) if result.returncode in _LINK_FAILURES else None
     if connection is not None:
         return connection
     line = first_cause(stderr) or f"{builder} exited with status {result.returncode}"

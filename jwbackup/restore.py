@@ -134,7 +134,7 @@ def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generati
                 sys.stdout.buffer.write(result.output.rstrip(b"\n") + b"\n" if result.output.strip() else b"")
             if result.returncode not in (0, rsync.VANISHED, rsync.PARTIAL):
                 stderr = "\n".join(result.errors).encode()
-                raise t.connection_error(stderr) or TransferError(
+                raise t.connection_error(stderr, result.returncode) or TransferError(
                     f"restore from {name} failed: {first_cause(stderr) or f'rsync exited with status {result.returncode}'}")
             if result.returncode:
                 for line in result.errors:

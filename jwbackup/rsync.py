@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from jwbackup import execute
-from jwbackup.errors import DestinationError
 
 logger = logging.getLogger(__name__)
 
@@ -178,31 +177,6 @@ class _Collector(threading.Thread):
                 self.dropped += 1
 
 
-def timeout_error(argv: Sequence[str], returncode: int) -> DestinationError | None:
-    """The error of an rsync (``argv``) that exited with ``returncode`` because
-    the other side went silent, or None.  One line, named after the remote host."""
-    if returncode not in (TIMEOUT, CONNECT_TIMEOUT):
-        return None
-    where = next(filter(None, map(_remote_host, argv[-2:])), "destination")
-    if returncode == CONNECT_TIMEOUT:
-        return DestinationError(f"{where}: connection timed out")
-    seconds = next((a.partition("=")[2] for a in argv if a.startswith("--timeout=")), None)
-    silence = f"no data for {seconds} s" if seconds else "no data for too long"
-    return DestinationError(f"{where}: {silence}, link stalled or down")
-
-
-# [user@]host: or [user@][v6-address]: in front of a remote path
-_REMOTE = re.compile(r"((?:[^/:@\[]*@)?(?:\[[^\]/]*\]|[^/:\[]+)):")
-
-
-def _remote_host(arg: str) -> str | None:
-    """``[user@]host`` of an rsync source or target argument, None for a local path."""
-    if arg.startswith(("/", "./")):
-        return None
-    match = _REMOTE.match(arg)
-    return match.group(1) if match else None
-
-
 def transfer(
     argv: Sequence[str],
     paths: Iterable[bytes],
@@ -212,11 +186,7 @@ def transfer(
     secrets: Sequence[str] = (),
     pass_fds: Sequence[int] = (),
 ) -> Result:
-    """Run ``argv``, feeding it ``paths`` on stdin; rsync's exit status, statistics and error lines.
-
-    Raises :class:`DestinationError` when rsync gave up on a silent link
-    (exit 30 or 35): that is a temporary failure, never a partial transfer.
-    """
+    """Run ``argv``, feeding it ``paths`` on stdin; rsync's exit status, statistics and error lines."""
     proc = execute.popen(
         argv,
         env={**(env or {}), "LC_ALL": "C"},
@@ -238,9 +208,6 @@ def transfer(
     if collector.dropped:
         collector.lines.append(f"... and {collector.dropped} more lines")
     logger.debug("rsync exited %d after %d paths", returncode, feeder.count)
-    error = timeout_error(argv, returncode)
-    if error is not None:
-        raise error
     return Result(returncode, parse_stats(output), collector.lines, feeder.error, output)
 
 

@@ -20,7 +20,7 @@ import secrets
 import tempfile
 from typing import TYPE_CHECKING, Sequence
 
-from jwbackup import execute
+from jwbackup import execute, rsync
 from jwbackup.errors import DestinationError
 from jwbackup.execute import Arg, CommandError
 
@@ -78,7 +78,7 @@ class Local:
     def env(self) -> dict[str, str]:
         return {}
 
-    def connection_error(self, stderr: bytes) -> DestinationError | None:
+    def connection_error(self, stderr: bytes, returncode: int | None = None) -> DestinationError | None:
         return None
 
     def close(self) -> None:
@@ -186,8 +186,14 @@ class Ssh:
             raise CommandError(argv, result.returncode, result.stderr, where=self.where)
         return result
 
-    def connection_error(self, stderr: bytes) -> DestinationError | None:
-        """A :class:`DestinationError` when ``stderr`` shows that ssh could not connect or log in."""
+    def connection_error(self, stderr: bytes, returncode: int | None = None) -> DestinationError | None:
+        """A :class:`DestinationError` when ssh could not connect or log in (``stderr``
+        says so), or when rsync gave up on a silent link (its ``returncode`` does)."""
+        host = self.rsync_target("")[:-1]  # [user@]host, as rsync names it
+        if returncode == rsync.TIMEOUT:
+            return DestinationError(f"{host}: no data for {self.destination.timeout} s, link stalled or down")
+        if returncode == rsync.CONNECT_TIMEOUT:
+            return DestinationError(f"{host}: connection timed out")
         text = stderr.decode("utf-8", "replace")
         for pattern, reason in _SSH_FAILURES:
             match = pattern.search(text)
