@@ -129,12 +129,12 @@ def check(
     cache_path = prefix + cache_file if cache_file and mode != "none" else None
     cache = _load_cache(cache_path) if cache_path else _Cache()
     order, missed, misses, no_digest = _scan(entries, mode, prefix, cache, modified)
-    stats.checked = cache.hits + len(misses)
-    stats.cache_hits = cache.hits
+    stats.cache_hits = len(order) - len(missed)  # every other file in the order is hashed
+    stats.checked = stats.cache_hits + len(misses)
     new = _judge(misses, stats, modified, workers)
     stats.no_digest = _files_among(no_digest, prefix)
     complete = everything and mode == "all"  # every record of a file still there was met
-    if cache_path and (new or cache.jumps or (complete and cache.hits < cache.count)):
+    if cache_path and (new or cache.jumps or (complete and stats.cache_hits < cache.count)):
         _save_cache(cache_path, cache.records(order, missed, new, keep_unmet=not complete))
     stats.modified = len(modified)
     stats.seconds = time.monotonic() - started
@@ -223,7 +223,6 @@ def _scan(entries, mode, prefix, cache: _Cache, modified) -> tuple[array, list[b
         if body[at + _KEY.size:at + _RECORD.size] != digest.value.encode():
             modified.add(path)
         at += _RECORD.size
-    cache.hits = len(order) - len(missed)
     return order, missed, misses, no_digest
 
 
@@ -356,7 +355,6 @@ class _Cache:
         self.body = data  # the records are data[start:], offsets are into data: no copy is made
         self.start = start
         self.count = (len(data) - start) // _RECORD.size
-        self.hits = 0  # set by the scan
         self.jumps = 0  # records met out of order: saving again puts them in order
         self._index: dict[bytes, int] | None = None
 
