@@ -46,7 +46,7 @@ def main() -> int:
 
     manager = managers.detect(args.root)
     seconds, manifest = timed(lambda: manager.manifest(args.root))
-    digests = [p for p, e in manifest.entries.items() if e.digest is not None]
+    digests = [p for p, e in manifest.items() if e.digest is not None]
     print(f"{manager.name} manifest: {len(manifest):,} paths, {len(digests):,} with a digest, loaded in {seconds:.2f} s")
     print(f"CPUs: {os.cpu_count()}, load average: {os.getloadavg()[0]:.2f}")
 

@@ -39,7 +39,7 @@ def owned_unmodified(manifest: Manifest, root: bytes = b"/", verifier: Verifier 
     """
     prefix = os.fsencode(root).rstrip(b"/")
     verifier = verifier or check(manifest, prefix or b"/", "conffiles", cache_file=None)
-    for path, entry in manifest.entries.items():
+    for path, entry in manifest.items():
         if entry.kind == DIR:
             continue
         try:
@@ -52,7 +52,7 @@ def owned_unmodified(manifest: Manifest, root: bytes = b"/", verifier: Verifier 
             continue
         if entry.kind == SYMLINK and not stat.S_ISLNK(mode):
             continue
-        if verifier.changed(path, entry):
+        if verifier.changed(path):
             continue
         yield path
 

@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from jwbackup.managers import DIR, FILE, SYMLINK, Manifest
+from jwbackup.managers import DIR, FILE, KIND_MASK, KINDS, SYMLINK, Manifest
 from jwbackup.verify import Verifier, check
 
 logger = logging.getLogger(__name__)
@@ -56,14 +56,19 @@ def system_path(root: bytes, real_path: bytes) -> bytes | None:
     return None
 
 
-def _kind_matches(kind: str | None, entry: os.DirEntry) -> bool:
-    if kind is None:
-        return True
-    if kind == FILE:
+_NO_KIND, _FILE, _DIR, _SYMLINK = (KINDS.index(k) for k in (None, FILE, DIR, SYMLINK))
+
+
+def _kind_matches(record: bytes, entry: os.DirEntry) -> bool:
+    """Is ``entry`` (not a directory) of the kind its manifest record says?"""
+    kind = record[0] & KIND_MASK
+    if kind == _FILE:
         return entry.is_file(follow_symlinks=False)
-    if kind == SYMLINK:
+    if kind == _NO_KIND:
+        return True
+    if kind == _SYMLINK:
         return entry.is_symlink()
-    if kind == DIR:
+    if kind == _DIR:
         return False  # a directory would have been walked, not judged here
     return not (entry.is_file(follow_symlinks=False) or entry.is_symlink())
 
@@ -92,7 +97,7 @@ class Selector:
         prune: Iterable[str | bytes] = (),
         verifier: Verifier | None = None,
     ):
-        self.entries = manifest.entries
+        self.records = manifest.records
         self.prefix = os.fsencode(root).rstrip(b"/")
         self.prune = {os.fsencode(p) for p in prune}
         # Without a verification pre-pass from the caller: conffiles only, no cache.
@@ -117,7 +122,7 @@ class Selector:
     # first yields the pending directories, outermost first.
     def _walk(self, top: bytes, directories: bool) -> Iterator[bytes]:
         prefix = self.prefix
-        entries = self.entries
+        records = self.records
         stats = self.stats
         changed = self.verifier.changed
 
@@ -163,9 +168,9 @@ class Selector:
                     continue
             else:
                 stats.entries += 1
-                entry = entries.get(path)
-                if entry is not None and _kind_matches(entry.kind, child):
-                    if not changed(path, entry):
+                record = records.get(path)
+                if record is not None and _kind_matches(record, child):
+                    if not changed(path):
                         stats.owned += 1
                         continue
                     stats.modified += 1
@@ -177,8 +182,8 @@ class Selector:
             yield path
 
     def _owned_dir(self, path: bytes) -> bool:
-        entry = self.entries.get(path)
-        return entry is not None and entry.kind in (None, DIR)
+        record = self.records.get(path)
+        return record is not None and record[0] & KIND_MASK in (_NO_KIND, _DIR)
 
     def _enter(self, path: bytes) -> list[os.DirEntry] | None:
         """The listing of directory ``path``, or None when it is not to be walked."""

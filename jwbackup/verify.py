@@ -50,13 +50,15 @@ import struct
 import time
 import zlib
 from array import array
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from operator import itemgetter
-from typing import AbstractSet, Iterable
+from itertools import chain, islice
+from typing import AbstractSet, Iterable, Iterator
 
-from jwbackup.managers import DIR, Entry, Manifest
+from jwbackup.managers import (
+    ALGORITHMS, CONFFILE, DIGEST_AT, DIR, KIND_MASK, KINDS, Manifest, record_algorithm, record_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +68,11 @@ DEFAULT_MODE = "all"
 CACHE_DIR = b"/var/lib/jwbackup/cache"  # a system path, under the root
 CACHE_FILE = CACHE_DIR + b"/verify"
 CACHE_MAGIC = b"jwbackup-verify-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHED_ALGORITHM = "md5"  # what dpkg and portage record; other digests are hashed every run
+_CACHED_CODE = ALGORITHMS.index(CACHED_ALGORITHM)
+_CACHED_END = DIGEST_AT + hashlib.new(CACHED_ALGORITHM).digest_size  # the digest's end in a record
+_DIR = KINDS.index(DIR)
 CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
     b"# This file is a cache directory tag created by jwbackup.\n"
@@ -78,6 +83,7 @@ CHUNK = 1 << 20
 RACY_NS = 2_000_000_000  # a file changed this recently may change again within the same timestamp tick
 MAX_WORKERS = 8
 PROCESS_MIN = 2000  # fewer files to hash are hashed in this process: starting workers costs more
+BIG_FILE = 1 << 20  # files this large are hashed first, largest first
 _NOATIME = getattr(os, "O_NOATIME", 0)
 VANISHED = "vanished"  # removed or replaced between the lstat and the open
 
@@ -101,7 +107,7 @@ class Verifier:
         self.modified = modified
         self.stats = stats or Stats()
 
-    def changed(self, path: bytes, entry: Entry | None = None) -> bool:
+    def changed(self, path: bytes) -> bool:
         """Was the installed file at system path ``path`` modified?"""
         return path in self.modified
 
@@ -125,17 +131,17 @@ def check(
     prefix = os.fsencode(root).rstrip(b"/")
     stats = Stats()
     modified: set[bytes] = set()
-    entries, everything = _under(manifest, roots)
+    records, everything = _under(manifest, roots)
     cache_path = prefix + cache_file if cache_file and mode != "none" else None
     cache = _load_cache(cache_path) if cache_path else _Cache()
-    order, missed, misses, no_digest = _scan(entries, mode, prefix, cache, modified)
-    stats.cache_hits = len(order) - len(missed)  # every other file in the order is hashed
+    order, misses, no_digest = _scan(records, mode, prefix, cache, modified)
+    stats.cache_hits = len(order) - misses.cacheable  # the rest of the order is hashed
     stats.checked = stats.cache_hits + len(misses)
-    new = _judge(misses, stats, modified, workers)
+    _judge(misses, prefix, stats, modified, workers)
     stats.no_digest = _files_among(no_digest, prefix)
     complete = everything and mode == "all"  # every record of a file still there was met
-    if cache_path and (new or cache.jumps or (complete and stats.cache_hits < cache.count)):
-        _save_cache(cache_path, cache.records(order, missed, new, keep_unmet=not complete))
+    if cache_path and (any(misses.filled) or cache.jumps or (complete and stats.cache_hits < cache.count)):
+        _save_cache(cache_path, cache.records(order, misses, keep_unmet=not complete))
     stats.modified = len(modified)
     stats.seconds = time.monotonic() - started
     logger.info(
@@ -155,31 +161,57 @@ def modified_paths(manifest: Manifest, root: str | bytes = b"/", mode: str = DEF
     return check(manifest, root, mode, cache_file, roots).modified
 
 
-def _under(manifest: Manifest, roots: Iterable[str | bytes]) -> tuple[Iterable[tuple[bytes, Entry]], bool]:
-    """The manifest entries under ``roots``, and whether that is all of them."""
+def _under(manifest: Manifest, roots: Iterable[str | bytes]) -> tuple[Iterable[tuple[bytes, bytes]], bool]:
+    """The manifest records under ``roots``, and whether that is all of them."""
     tops = {os.fsencode(r).rstrip(b"/") for r in roots}
+    records = manifest.records
     if b"" in tops:
-        return manifest.entries.items(), True
+        return records.items(), True
     starts = tuple(t + b"/" for t in tops)
-    return [(p, e) for p, e in manifest.entries.items() if p in tops or p.startswith(starts)], False
+    return [(p, r) for p, r in records.items() if p in tops or p.startswith(starts)], False
 
 
 # -- comparing -------------------------------------------------------------------
 
 
-def _scan(entries, mode, prefix, cache: _Cache, modified) -> tuple[array, list[bytes], list, list[bytes]]:
-    """The lstat pass, judging every file the cache knows: (order, missed, misses, no_digest).
+class _Misses:
+    """The files the cache cannot judge, in scan order, kept small: at 1M
+    entries a first run hashes 560k files.
 
-    ``order`` lists, in scan order, what the next cache holds: the offset
-    of a record met in this cache, or -1 for a file to hash, whose stat key
-    is the next one in ``missed``.  ``misses`` are the files to hash, as
-    ``(stat key or None, path, real path, size, digest)``.  Modified files,
-    and conffiles that count as modified without being read, go into
+    Miss ``j`` is ``paths[j]`` with manifest record ``records[j]`` and size
+    ``sizes[j]``; once hashed, its cache record (stat key and digest) is in
+    ``slots`` at ``j * _RECORD.size`` where ``filled[j]`` is set.
+    """
+
+    def __init__(self):
+        self.paths: list[bytes] = []
+        self.records: list[bytes] = []
+        self.sizes = array("q")
+        self.cacheable = 0  # how many have a place in the cache (md5)
+        self.slots = bytearray()
+        self.filled = bytearray()
+
+    def add(self, path: bytes, record: bytes, size: int, cacheable: bool) -> int:
+        self.paths.append(path)
+        self.records.append(record)
+        self.sizes.append(size)
+        self.cacheable += cacheable
+        return len(self.paths) - 1
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[array, _Misses, list[bytes]]:
+    """The lstat pass, judging every file the cache knows: (order, misses, no_digest).
+
+    ``order`` lists, in scan order, what the next cache holds: the offset of
+    a record met in this cache, or ``-1 - j`` for miss ``j``.  Modified
+    files, and conffiles that count as modified without being read, go into
     ``modified``.
     """
     order = array("q")
-    missed: list[bytes] = []
-    misses: list = []
+    misses = _Misses()
     no_digest: list[bytes] = []
     lstat = os.lstat
     isreg = stat.S_ISREG
@@ -187,63 +219,65 @@ def _scan(entries, mode, prefix, cache: _Cache, modified) -> tuple[array, list[b
     body, find = cache.body, cache.find
     at = cache.start  # where the next record is expected: files come in the order the last run saved them
     everything = mode == "all"
-    for path, entry in entries:
-        digest = entry.digest
-        if entry.conffile:
-            if digest is None or mode == "none":
+    for path, record in records:
+        flags = record[0]
+        algorithm = flags >> 5  # 0: no digest recorded
+        if flags & CONFFILE:
+            if not algorithm or mode == "none":
                 modified.add(path)
                 continue
-        elif digest is None:
-            if everything and entry.kind != DIR:
+        elif not algorithm:
+            if everything and flags & KIND_MASK != _DIR:
                 no_digest.append(path)
             continue
         elif not everything:
             continue
-        real = prefix + path if prefix else path
         try:
-            st = lstat(real)
+            st = lstat(prefix + path)
         except OSError:
             continue  # not there: nothing to judge, the walk will not meet it
         if not isreg(st.st_mode):
             continue  # another kind now: the walk keeps it anyway
-        if digest.algorithm != CACHED_ALGORITHM:
-            misses.append((None, path, real, st.st_size, digest))
+        if algorithm != _CACHED_CODE:
+            misses.add(path, record, st.st_size, False)
             continue
         key = pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if not body.startswith(key, at):
             found = find(key)
             if found < 0:
-                order.append(-1)
-                missed.append(key)
-                misses.append((key, path, real, st.st_size, digest))
+                order.append(-1 - misses.add(path, record, st.st_size, True))
                 at += _RECORD.size  # past the record this file had, if it had one
                 continue
             at = found
         order.append(at)
-        if body[at + _KEY.size:at + _RECORD.size] != digest.value.encode():
+        if body[at + _KEY.size:at + _RECORD.size] != record[DIGEST_AT:_CACHED_END]:
             modified.add(path)
         at += _RECORD.size
-    return order, missed, misses, no_digest
+    return order, misses, no_digest
 
 
-def _judge(misses, stats, modified, workers) -> dict[bytes, bytes]:
-    """Hash ``misses`` and compare with the recorded digests; returns the new cache records."""
-    new: dict[bytes, bytes] = {}
+def _judge(misses: _Misses, prefix: bytes, stats, modified, workers) -> None:
+    """Hash the misses and compare with the recorded digests; fills their cache slots."""
     if not misses:
-        return new
-    misses.sort(key=itemgetter(3), reverse=True)  # the largest first: the workers finish together
-    for path, digest, actual, key in _hash_all(misses, workers, stats):
+        return
+    size = _RECORD.size
+    misses.slots = bytearray(len(misses) * size)
+    misses.filled = bytearray(len(misses))
+    for j, actual, key, read in _hash_all(misses, prefix, workers):
         if actual == VANISHED:  # compared by value: it may come from a worker process
             continue
+        path, record = misses.paths[j], misses.records[j]
         if actual is None:
             stats.unreadable += 1
             modified.add(path)
             continue
-        if key is not None and digest.algorithm == CACHED_ALGORITHM:
-            new[key] = actual.encode("ascii")
-        if actual != digest.value:
+        stats.hashed += 1
+        stats.bytes_hashed += read
+        if key is not None and record[0] >> 5 == _CACHED_CODE:
+            misses.slots[j * size:(j + 1) * size] = key + actual
+            misses.filled[j] = 1
+        if actual != record_digest(record):
             modified.add(path)
-    return new
 
 
 def _files_among(paths: list[bytes], prefix: bytes) -> int:
@@ -258,44 +292,74 @@ def _files_among(paths: list[bytes], prefix: bytes) -> int:
     return count
 
 
-def _hash_all(misses, workers, stats) -> list[tuple[bytes, object, str | None, bytes | None]]:
-    """Hash the files: in worker processes when there are many, else here.
+_inherited: tuple = ()  # what _hash_jobs works on in a worker process: set before the fork
+
+
+def _inherit(jobs: tuple) -> None:
+    global _inherited
+    _inherited = jobs
+
+
+def _hash_all(misses: _Misses, prefix: bytes, workers: int | None) -> Iterator[tuple]:
+    """``(j, digest, cache key, bytes read)`` for every miss, in no particular order.
 
     Most package files are small, so the work per file is Python's, and
-    threads would take turns on the GIL; forked workers share nothing but
-    the file names, and pick up chunks as they finish (the largest files come
-    first, so the workers end together).
+    threads would take turns on the GIL.  Many files are therefore hashed in
+    forked worker processes: they inherit the list of files, are sent chunks
+    of indices, a few at a time, and send back one result per file.  The
+    largest files go first, so the workers end together.
     """
+    jobs = (prefix, misses.paths, misses.records)
     workers = workers or min(MAX_WORKERS, os.cpu_count() or 1)
-    jobs = [(item[2], item[4].algorithm) for item in misses]
-    hashed = None
-    if workers > 1 and len(jobs) >= PROCESS_MIN:
-        size = max(64, len(jobs) // (workers * 16))
-        chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
-        logger.debug("hashing %d files in %d worker processes", len(jobs), workers)
+    size = max(64, len(misses) // (workers * 16))
+    done = bytearray(len(misses))
+    if workers > 1 and len(misses) >= PROCESS_MIN:
+        logger.debug("hashing %d files in %d worker processes", len(misses), workers)
+        running: set = set()
         try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                hashed = [result for part in pool.map(_hash_chunk, chunks) for result in part]
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                     initializer=_inherit, initargs=(jobs,)) as pool:
+                for chunk in _chunks(misses.sizes, size, done):
+                    running.add(pool.submit(_hash_jobs, chunk))
+                    while len(running) >= 2 * workers:
+                        yield from _finished(running, FIRST_COMPLETED, done)
+                yield from _finished(running, ALL_COMPLETED, done)
+            return
         except (OSError, BrokenProcessPool) as exc:
-            logger.debug("hashing in worker processes failed (%s); hashing here", exc)
-    if hashed is None:
-        hashed = _hash_chunk(jobs)
-    out = []
-    for item, (actual, key, size) in zip(misses, hashed):
-        if actual is not None and actual != VANISHED:
-            stats.hashed += 1
-            stats.bytes_hashed += size
-        out.append((item[1], item[4], actual, key))
-    return out
+            logger.debug("hashing in worker processes failed (%s); hashing the rest here", exc)
+    for chunk in _chunks(misses.sizes, size, done):
+        yield from _hash_jobs(chunk, jobs)
 
 
-def _hash_chunk(jobs: list[tuple[bytes, str]]) -> list[tuple[str | None, bytes | None, int]]:
+def _finished(running: set, until: str, done: bytearray) -> Iterator[tuple]:
+    finished, _ = wait(running, return_when=until)
+    for future in finished:
+        running.discard(future)
+        for result in future.result():
+            done[result[0]] = 1
+            yield result
+
+
+def _chunks(sizes: array, size: int, done: bytearray) -> Iterator[list[int]]:
+    """The indices of the misses not ``done``, in chunks: files of 1 MiB or more first, largest
+    first, then the rest in scan order."""
+    big = sorted((j for j, n in enumerate(sizes) if n >= BIG_FILE and not done[j]),
+                 key=sizes.__getitem__, reverse=True)
+    rest = (j for j, n in enumerate(sizes) if n < BIG_FILE and not done[j])
+    indices = chain(big, rest)
+    while chunk := list(islice(indices, size)):
+        yield chunk
+
+
+def _hash_jobs(indices: list[int], jobs: tuple = ()) -> list[tuple]:
+    prefix, paths, records = jobs or _inherited
     buf = bytearray(CHUNK)
-    return [_hash_file(real, algorithm, buf) for real, algorithm in jobs]
+    return [(j, *_hash_file(prefix + paths[j], record_algorithm(records[j]), buf)) for j in indices]
 
 
-def _hash_file(real: bytes, algorithm: str, buf: bytearray) -> tuple[str | None, bytes | None, int]:
-    """(hex digest, cache key or None if not cacheable, bytes read); (None, None, 0) if unreadable."""
+def _hash_file(real: bytes, algorithm: str, buf: bytearray) -> tuple[bytes | str | None, bytes | None, int]:
+    """(raw digest, cache key or None if not cacheable, bytes read); (None, None, 0) if unreadable,
+    (VANISHED, None, 0) if gone."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         try:
@@ -327,19 +391,22 @@ def _hash_file(real: bytes, algorithm: str, buf: bytearray) -> tuple[str | None,
     key = _KEY.pack(before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
     unchanged = (after.st_size, after.st_mtime_ns, after.st_ctime_ns) == (size, before.st_mtime_ns, before.st_ctime_ns)
     cacheable = unchanged and size == before.st_size and before.st_ctime_ns < now - RACY_NS
-    return h.hexdigest(), key if cacheable else None, size
+    return h.digest(), key if cacheable else None, size
 
 
 # -- the cache -------------------------------------------------------------------
 #
 #   jwbackup-verify-cache <version> <algorithm>\n
-#   <records> <crc32 of the records>\n
-#   records of 72 bytes: device, inode, size (uint64), mtime_ns, ctime_ns (int64),
-#   little-endian, then the hex digest of the content (32 ASCII bytes),
-#   in the order the files were scanned
+#   records of 56 bytes: device, inode, size (uint64), mtime_ns, ctime_ns (int64),
+#   little-endian, then the raw digest of the content, in the order the files
+#   were scanned
+#   count of records (uint64), crc32 of the records (uint32), little-endian
+#
+# The counts come last so that the records can be written as they are made.
 
 _KEY = struct.Struct("<QQQqq")
-_RECORD = struct.Struct(f"<{_KEY.size}s32s")
+_RECORD = struct.Struct(f"<{_KEY.size}s{_CACHED_END - DIGEST_AT}s")
+_FOOTER = struct.Struct("<QI")
 
 
 class _Cache:
@@ -351,10 +418,11 @@ class _Cache:
     is built the first time one is.
     """
 
-    def __init__(self, data: bytes = b"", start: int = 0):
-        self.body = data  # the records are data[start:], offsets are into data: no copy is made
+    def __init__(self, data: bytes = b"", start: int = 0, end: int = 0):
+        self.body = data  # the records are data[start:end], offsets are into data: no copy is made
         self.start = start
-        self.count = (len(data) - start) // _RECORD.size
+        self.end = end
+        self.count = (end - start) // _RECORD.size
         self.jumps = 0  # records met out of order: saving again puts them in order
         self._index: dict[bytes, int] | None = None
 
@@ -364,29 +432,27 @@ class _Cache:
             return -1
         if self._index is None:
             body, size = self.body, _KEY.size
-            self._index = {body[at:at + size]: at for at in range(self.start, len(body), _RECORD.size)}
+            self._index = {body[at:at + size]: at for at in range(self.start, self.end, _RECORD.size)}
         at = self._index.get(key, -1)
         self.jumps += at >= 0
         return at
 
-    def records(self, order: array, missed: list[bytes], new: dict[bytes, bytes], keep_unmet: bool) -> list[bytes]:
-        """The records for the next run, in scan order; ``keep_unmet`` keeps the ones not met.
-
-        ``order`` holds the offset of each record met, or -1 for the next
-        stat key of ``missed``, whose record is in ``new`` if it was hashed.
-        """
-        body, size = self.body, _RECORD.size
-        out = []
-        missed_keys = iter(missed)
+    def records(self, order: array, misses: _Misses, keep_unmet: bool) -> Iterator[memoryview]:
+        """The records for the next run, in scan order; ``keep_unmet`` keeps the ones not met."""
+        body, slots, filled, size = memoryview(self.body), memoryview(misses.slots), misses.filled, _RECORD.size
         for at in order:
             if at >= 0:
-                out.append(body[at:at + size])
-            elif (value := new.get(key := next(missed_keys))) is not None:
-                out.append(key + value)
+                yield body[at:at + size]
+            elif filled[j := -1 - at]:
+                yield slots[j * size:(j + 1) * size]
         if keep_unmet:
-            met = set(order)
-            out += [body[at:at + size] for at in range(self.start, len(body), size) if at not in met]
-        return out
+            met = bytearray(self.count)
+            for at in order:
+                if at >= 0:
+                    met[(at - self.start) // size] = 1
+            for i in range(self.count):
+                if not met[i]:
+                    yield body[self.start + i * size:self.start + (i + 1) * size]
 
 
 def _load_cache(path: bytes) -> _Cache:
@@ -399,34 +465,31 @@ def _load_cache(path: bytes) -> _Cache:
         logger.warning("cannot read the verification cache %s (%s); every file is hashed", os.fsdecode(path), exc.strerror)
         return _Cache()
     first = data.find(b"\n")
-    second = data.find(b"\n", first + 1)
-    head, count_line = data[:max(first, 0)], data[first + 1:max(second, first + 1)]
-    start = second + 1 if first >= 0 and second >= 0 else len(data)
-    words = head.split(b" ")
-    if len(words) != 3 or words[0] != CACHE_MAGIC:
+    words = data[:max(first, 0)].split(b" ")
+    start, end = first + 1, len(data) - _FOOTER.size
+    if first < 0 or len(words) != 3 or words[0] != CACHE_MAGIC:
         problem = "not a jwbackup verification cache"
+    elif words[1].isdigit() and int(words[1]) < CACHE_VERSION:
+        logger.info("verification cache %s is from an older jwbackup; every file is hashed again", os.fsdecode(path))
+        return _Cache()
     elif words[1:] != [str(CACHE_VERSION).encode(), CACHED_ALGORITHM.encode()]:
         problem = f"format {b' '.join(words[1:]).decode('ascii', 'replace')}, not {CACHE_VERSION} {CACHED_ALGORITHM}"
+    elif end < start:
+        problem = "corrupt or truncated"
     else:
-        try:
-            count, crc = (int(w) for w in count_line.split(b" "))
-        except ValueError:
-            count, crc = -1, -1
+        count, crc = _FOOTER.unpack_from(data, end)
         # The checksum catches damage; a record that is still wrong matches no
         # file (keys are compared whole) or no recorded digest (the file is kept).
-        if zlib.crc32(memoryview(data)[start:]) != crc or len(data) - start != count * _RECORD.size:
+        if end - start != count * _RECORD.size or zlib.crc32(memoryview(data)[start:end]) != crc:
             problem = "corrupt or truncated"
         else:
-            return _Cache(data, start)
+            return _Cache(data, start, end)
     logger.warning("verification cache %s ignored: %s; every file is hashed again", os.fsdecode(path), problem)
     return _Cache()
 
 
-def _save_cache(path: bytes, records: list[bytes]) -> None:
+def _save_cache(path: bytes, records: Iterable[memoryview]) -> None:
     """Write the cache through a temporary neighbour and a rename; failures are warnings."""
-    body = b"".join(records)
-    head = b"%s %d %s\n%d %d\n" % (CACHE_MAGIC, CACHE_VERSION, CACHED_ALGORITHM.encode(), len(records),
-                                    zlib.crc32(body))
     directory = os.path.dirname(path)
     tmp = path + b".new"
     try:
@@ -436,9 +499,14 @@ def _save_cache(path: bytes, records: list[bytes]) -> None:
             with open(tag, "wb") as f:
                 f.write(CACHEDIR_TAG)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            f.write(body)
+        with os.fdopen(fd, "wb", buffering=CHUNK) as f:
+            f.write(b"%s %d %s\n" % (CACHE_MAGIC, CACHE_VERSION, CACHED_ALGORITHM.encode()))
+            count = crc = 0
+            for record in records:
+                f.write(record)
+                crc = zlib.crc32(record, crc)
+                count += 1
+            f.write(_FOOTER.pack(count, crc))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -76,7 +76,7 @@ def test_real_manifest_has_no_path_under_a_symlinked_top_directory(real_manifest
     aliases = [b"/" + n + b"/" for n in tops if os.path.islink(b"/" + n)]
     if not aliases:
         pytest.skip("not a merged-/usr system")
-    assert [p for p in real_manifest.entries if p.startswith(tuple(aliases))] == []
+    assert [p for p in real_manifest if p.startswith(tuple(aliases))] == []
     assert real_manifest.warnings == []
 
 
@@ -227,7 +227,7 @@ def test_fake_usrmerge_paths_are_recorded_under_usr_only(tmp_path):
     manifest = Dpkg().manifest(build_root(tmp_path).root)
     assert b"/usr/lib/x86_64-linux-gnu/libfoo.so.1" in manifest
     assert b"/usr/bin" in manifest and b"/usr/lib" in manifest
-    assert [p for p in manifest.entries if p.split(b"/")[1] in (b"bin", b"sbin", b"lib", b"lib64")] == []
+    assert [p for p in manifest if p.split(b"/")[1] in (b"bin", b"sbin", b"lib", b"lib64")] == []
 
 
 def test_fake_paths_under_a_deeper_symlinked_directory_are_canonical(tmp_path):
@@ -240,7 +240,7 @@ def test_fake_paths_under_a_deeper_symlinked_directory_are_canonical(tmp_path):
     manifest = Dpkg().manifest(root.root)
     assert manifest.get(b"/run/daemon/socket.txt").digest == Digest("md5", md5hex(b"s"))
     assert b"/run/daemon/empty" in manifest
-    assert not [p for p in manifest.entries if p.startswith(b"/var/run/")]
+    assert not [p for p in manifest if p.startswith(b"/var/run/")]
 
 
 def test_fake_multiarch_same_package_is_read_from_its_qualified_list(tmp_path):
@@ -311,7 +311,7 @@ def test_fake_garbage_list_line_is_skipped_with_a_warning_naming_file_and_line(t
     assert any("tool.list" in w and f"line {lineno}" in w for w in manifest.warnings), manifest.warnings
     assert any(f"line {lineno}" in r.getMessage() for r in caplog.records)
     assert b"/usr/bin/after-garbage" in manifest
-    assert not any(b"relative" in p for p in manifest.entries if p != b"/usr/bin/after-garbage")
+    assert not any(b"relative" in p for p in manifest if p != b"/usr/bin/after-garbage")
 
 
 def test_fake_garbage_md5sums_line_leaves_that_file_without_digest(tmp_path):

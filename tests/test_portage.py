@@ -75,7 +75,7 @@ def test_portage_is_registered_as_a_manager_plugin():
 
 def test_manifest_lists_every_recorded_path_with_kind_and_owner(gentoo):
     manifest = Portage().manifest(str(gentoo.path))
-    kinds = {path: entry.kind for path, entry in manifest.entries.items()}
+    kinds = {path: entry.kind for path, entry in manifest.items()}
     assert kinds == {
         b"/etc": DIR,
         b"/etc/foo.conf": FILE,
@@ -100,9 +100,9 @@ def test_manifest_lists_every_recorded_path_with_kind_and_owner(gentoo):
         b"/var/lib/foo": DIR,
         b"/var/lib/foo/control": OTHER,
     }
-    assert manifest.entries[b"/usr/bin/foo"].package == "app-misc/foo-1.0"
-    assert manifest.entries[b"/usr/lib/bar.so"].package == "sys-apps/bar-2.3-r1"
-    assert manifest.entries[b"/usr/share/baz6/data"].package == "dev-lang/baz-6"
+    assert manifest[b"/usr/bin/foo"].package == "app-misc/foo-1.0"
+    assert manifest[b"/usr/lib/bar.so"].package == "sys-apps/bar-2.3-r1"
+    assert manifest[b"/usr/share/baz6/data"].package == "dev-lang/baz-6"
     assert manifest.warnings == []
 
 
@@ -186,8 +186,19 @@ def test_undecodable_name_is_left_out_with_a_warning(tmp_path):
     root.write()
     manifest = Portage().manifest(str(root.path))
     assert b"/usr/bin/plain" in manifest
-    assert not [p for p in manifest.entries if p.startswith(b"/usr/share/caf")]
+    assert not [p for p in manifest if p.startswith(b"/usr/share/caf")]
     assert str(root.contents_file("app-misc/latin-1")) in manifest.warnings[0]
+
+
+def test_md5_that_is_not_hex_leaves_the_file_to_the_backup_with_a_warning(tmp_path):
+    root = GentooRoot(tmp_path)
+    root.package("app-misc/odd-1", files={b"/usr/bin/fine": b"f"},
+                 extra_lines=["obj /usr/bin/odd not-an-md5-at-all-but-32-chars!! 1700000000"])
+    root.write()
+    manifest = Portage().manifest(str(root.path))
+    assert manifest.get(b"/usr/bin/fine").digest == md5(b"f")
+    assert b"/usr/bin/odd" not in manifest  # not owned: the walk keeps it
+    assert f"{root.contents_file('app-misc/odd-1')}: 1 md5s are not 32 hex digits" in manifest.warnings[0]
 
 
 def test_paths_through_merged_usr_symlinks_are_canonical(tmp_path):

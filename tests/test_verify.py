@@ -26,6 +26,25 @@ CACHE = b"/var/lib/jwbackup/cache/verify"
 STATS = re.compile(rb"verified (\d+) installed files in [\d.]+ s: (\d+) from the cache, (\d+) hashed \(([^)]*)\), (\d+) modified")
 
 
+RECORD = struct.Struct("<40s16s")  # (device, inode, size, mtime_ns, ctime_ns), raw md5
+FOOTER = struct.Struct("<QI")  # record count, crc32 of the records
+
+
+def read_cache(path: bytes) -> tuple[bytes, list[bytes]]:
+    """The head line and the records of a verification cache, checked against its footer."""
+    with open(path, "rb") as f:
+        head, _, rest = f.read().partition(b"\n")
+    body, (count, crc) = rest[:-FOOTER.size], FOOTER.unpack(rest[-FOOTER.size:])
+    assert len(body) == count * RECORD.size and zlib.crc32(body) == crc
+    return head, [body[i:i + RECORD.size] for i in range(0, len(body), RECORD.size)]
+
+
+def write_cache(path: bytes, head: bytes, records: list[bytes]) -> None:
+    body = b"".join(records)
+    with open(path, "wb") as f:
+        f.write(head + b"\n" + body + FOOTER.pack(len(records), zlib.crc32(body)))
+
+
 def settle():
     """Let the files just written age past the racy window, so that their digests are cached."""
     time.sleep(verify.RACY_NS / 1e9 + 0.1)
@@ -139,7 +158,7 @@ def test_package_upgrade_changes_the_recorded_digest_and_the_verdict_follows(deb
 
 DAMAGES = {
     "truncated": lambda data: data[: len(data) // 2],
-    "a digest changed, the checksum not": lambda data: data[:-32] + b"0" * 32,
+    "a digest changed, the checksum not": lambda data: data[:-FOOTER.size - 16] + b"0" * 16 + data[-FOOTER.size:],
     "a future format": lambda data: b"jwbackup-verify-cache 99 md5\n" + data.split(b"\n", 1)[1],
     "garbage": lambda data: b"\0\1garbage" * 100,
 }
@@ -165,17 +184,31 @@ def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(jwbackup, debian, tm
         assert b"ignored" not in stderr and stats(stderr)["hashed"] == 0, what
 
 
+def test_cache_of_an_older_format_is_rebuilt_without_a_warning(jwbackup, debian, tmp_path):
+    settle()
+    files(jwbackup, debian.root, tmp_path)
+    cache = debian.path(CACHE)
+    with open(cache, "rb") as f:
+        current = f.read()
+    with open(cache, "wb") as f:  # what the first format looked like: hex digests
+        f.write(b"jwbackup-verify-cache 1 md5\n0 0\n")
+    selected, stderr = files(jwbackup, debian.root, tmp_path)
+    assert b"WARNING" not in stderr and b"from an older jwbackup" in stderr
+    assert stats(stderr)["hashed"] == 4 and b"/usr/bin/tool" not in selected
+    with open(cache, "rb") as f:
+        assert f.read().split(b"\n")[0] == current.split(b"\n")[0]
+
+
 def test_cache_records_the_stat_of_the_file_and_its_digest(debian, tmp_path):
     settle()
     verify.check(load_manifest(debian.root), debian.root)
-    with open(debian.path(CACHE), "rb") as f:
-        head, counts, body = f.read().split(b"\n", 2)
-    assert head == b"jwbackup-verify-cache 1 md5"
-    records = dict(struct.iter_unpack("<40s32s", body))
-    assert int(counts.split()[0]) == len(records) == 4
+    head, records = read_cache(debian.path(CACHE))
+    assert head == b"jwbackup-verify-cache 2 md5"
+    records = dict(map(RECORD.unpack, records))
+    assert len(records) == 4
     st = os.stat(debian.path(b"/usr/bin/tool"))
     key = struct.pack("<QQQqq", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    assert records[key] == hashlib.md5(b"#!/bin/sh\necho tool\n").hexdigest().encode()
+    assert records[key] == hashlib.md5(b"#!/bin/sh\necho tool\n").digest()
 
 
 def test_unwritable_cache_only_costs_a_warning(jwbackup, debian, tmp_path):
@@ -325,16 +358,11 @@ def test_real_package_files_changed_behind_dpkg_are_selected_under_usr(jwbackup,
 def test_cache_records_out_of_order_are_still_used_and_saved_back_in_order(debian, tmp_path):
     settle()
     verify.check(load_manifest(debian.root), debian.root)
-    with open(debian.path(CACHE), "rb") as f:
-        head, counts, body = f.read().split(b"\n", 2)
-    records = [body[i:i + 72] for i in range(0, len(body), 72)]
-    shuffled = b"".join(reversed(records))
-    with open(debian.path(CACHE), "wb") as f:
-        f.write(b"%s\n%d %d\n%s" % (head, len(records), zlib.crc32(shuffled), shuffled))
+    head, records = read_cache(debian.path(CACHE))
+    write_cache(debian.path(CACHE), head, records[::-1])
     verifier = verify.check(load_manifest(debian.root), debian.root)
     assert (verifier.stats.cache_hits, verifier.stats.hashed) == (4, 0)
-    with open(debian.path(CACHE), "rb") as f:
-        assert f.read().split(b"\n", 2)[2] == body
+    assert read_cache(debian.path(CACHE)) == (head, records)
 
 
 def test_many_files_are_hashed_in_worker_processes_with_the_same_verdicts(tmp_path, caplog):

@@ -17,7 +17,9 @@ Paths are ``bytes`` and absolute *as seen from inside the system*
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import struct
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import NamedTuple, Protocol
 
@@ -50,21 +52,128 @@ class Entry(NamedTuple):
     mtime: int | None = None  # seconds, where the manager records it (portage)
 
 
-@dataclass
-class Manifest:
-    """Every path a package manager installed, keyed by canonical path."""
+# -- records: how a manifest stores an Entry ---------------------------------------
+#
+# The manifest is the largest thing a run holds (a system of 1M entries lists
+# 600k paths), and an Entry with its Digest costs about 220 bytes.  A manifest
+# therefore keeps each path's entry as one bytes object, a *record*:
+#
+#     flags (1 byte) | package number (uint32 LE) | raw digest | mtime (int64 LE)
+#
+# flags = kind code | CONFFILE | HAS_MTIME | algorithm code << 5.  The digest
+# and the mtime are there only when the flags say so.  A regular file with an
+# md5 costs 56 bytes; records without a digest are shared (all the directories
+# of a package are one object).  The walk and the verification read records
+# directly; everyone else gets Entry tuples.
 
-    entries: dict[bytes, Entry] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+KINDS = (None, FILE, DIR, SYMLINK, OTHER)  # index: kind code
+KIND_MASK = 0x07
+CONFFILE = 0x08
+HAS_MTIME = 0x10
+ALGORITHMS = (None, "md5", "sha1", "sha256", "sha512")  # index: flags >> 5
+DIGEST_SIZES = (0, 16, 20, 32, 64)
+MD5_FILE = KINDS.index(FILE) | ALGORITHMS.index("md5") << 5  # the flags of most records
+_HEAD = struct.Struct("<BI")
+DIGEST_AT = _HEAD.size  # where a record's digest starts
+_MTIME = struct.Struct("<q")
+_KIND_CODES = {kind: code for code, kind in enumerate(KINDS)}
+_ALGORITHM_CODES = {name: code for code, name in enumerate(ALGORITHMS) if name}
 
-    def __contains__(self, path: bytes) -> bool:
-        return path in self.entries
+
+def record_digest(record: bytes) -> bytes:
+    """The raw digest a record holds (empty when it holds none)."""
+    return record[DIGEST_AT:DIGEST_AT + DIGEST_SIZES[record[0] >> 5]]
+
+
+def record_algorithm(record: bytes) -> str | None:
+    return ALGORITHMS[record[0] >> 5]
+
+
+class Manifest(MutableMapping):
+    """Every path a package manager installed, keyed by canonical path.
+
+    A mapping of path to :class:`Entry`; ``records`` holds the same as
+    records (see above), ``packages`` the package names they number.
+    """
+
+    def __init__(self, entries: Mapping[bytes, Entry] | None = None, warnings: Iterable[str] = ()):
+        self.records: dict[bytes, bytes] = {}
+        self.packages: list[str] = []
+        self.warnings: list[str] = list(warnings)
+        self._numbers: dict[str, int] = {}
+        self._shared: dict[bytes, bytes] = {}
+        if entries:
+            self.update(entries)
+
+    def number(self, package: str) -> int:
+        """The number of ``package`` in this manifest's records."""
+        number = self._numbers.get(package)
+        if number is None:
+            number = self._numbers[package] = len(self.packages)
+            self.packages.append(package)
+        return number
+
+    def head(self, flags: int, package: str) -> bytes:
+        """The first bytes of a record: for builders that append digests in bulk."""
+        return _HEAD.pack(flags, self.number(package))
+
+    def pack(self, entry: Entry) -> bytes:
+        """``entry`` as a record; records without a digest are shared."""
+        flags = _KIND_CODES[entry.kind] | (CONFFILE if entry.conffile else 0)
+        tail = b""
+        if entry.digest is not None:
+            algorithm = _ALGORITHM_CODES.get(entry.digest.algorithm)
+            if algorithm is None:
+                raise ValueError(f"unsupported digest algorithm {entry.digest.algorithm!r}")
+            raw = bytes.fromhex(entry.digest.value)
+            if len(raw) != DIGEST_SIZES[algorithm]:
+                raise ValueError(f"a {entry.digest.algorithm} digest has {DIGEST_SIZES[algorithm]} bytes, not {len(raw)}")
+            flags |= algorithm << 5
+            tail = raw
+        if entry.mtime is not None:
+            flags |= HAS_MTIME
+            tail += _MTIME.pack(entry.mtime)
+        record = self.head(flags, entry.package) + tail
+        return record if tail else self._shared.setdefault(record, record)
+
+    def entry(self, record: bytes) -> Entry:
+        """The :class:`Entry` a record stands for."""
+        flags, number = _HEAD.unpack_from(record)
+        algorithm = ALGORITHMS[flags >> 5]
+        digest = record_digest(record)
+        return Entry(
+            kind=KINDS[flags & KIND_MASK],
+            package=self.packages[number],
+            digest=Digest(algorithm, digest.hex()) if algorithm else None,
+            conffile=bool(flags & CONFFILE),
+            mtime=_MTIME.unpack_from(record, DIGEST_AT + len(digest))[0] if flags & HAS_MTIME else None,
+        )
+
+    def get(self, path: bytes, default: Entry | None = None) -> Entry | None:
+        record = self.records.get(path)
+        return default if record is None else self.entry(record)
+
+    def items(self) -> Iterator[tuple[bytes, Entry]]:  # type: ignore[override]
+        entry = self.entry
+        return ((path, entry(record)) for path, record in self.records.items())
+
+    def __getitem__(self, path: bytes) -> Entry:
+        return self.entry(self.records[path])
+
+    def __setitem__(self, path: bytes, entry: Entry) -> None:
+        self.records[path] = self.pack(entry)
+
+    def __delitem__(self, path: bytes) -> None:
+        del self.records[path]
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.records
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.records)
 
     def __len__(self) -> int:
-        return len(self.entries)
-
-    def get(self, path: bytes) -> Entry | None:
-        return self.entries.get(path)
+        return len(self.records)
 
 
 @dataclass(frozen=True)

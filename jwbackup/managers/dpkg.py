@@ -22,14 +22,14 @@ import logging
 import os
 import posixpath
 import re
+from binascii import unhexlify
 from contextlib import contextmanager
-from functools import partial
 from itertools import compress, repeat
 from operator import itemgetter
 from typing import Callable, Iterable, NamedTuple
 
 from jwbackup.errors import ManifestError
-from jwbackup.managers import FILE, Digest, Entry, Manifest, Package
+from jwbackup.managers import CONFFILE, FILE, KIND_MASK, MD5_FILE, Digest, Entry, Manifest, Package
 from jwbackup.paths import Canonicalizer
 
 logger = logging.getLogger(__name__)
@@ -283,41 +283,27 @@ def _warn_lines(warn: Callable[[str], None], path: bytes, numbers: list[int], wh
 
 # -- the manifest --------------------------------------------------------------
 
-# Built through tuple.__new__ in C-level map() pipelines: 100k entries cost a
-# third of what a comprehension calling the NamedTuple constructors does.
-_new_entry = partial(tuple.__new__, Entry)
-_new_digest = partial(tuple.__new__, Digest)
-if Entry._fields != ("kind", "package", "digest", "conffile", "mtime"):
-    raise ImportError("jwbackup.managers.Entry changed its fields: update _file_entries")
+def _richer(a: bytes, b: bytes) -> bool:
+    """Does record ``a`` record more than ``b`` (conffile flag, then a kind, then a digest)?"""
+    return _richness(a[0]) > _richness(b[0])
 
 
-def _file_entries(owner: str, paths: list[bytes], md5s: list[bytes]) -> dict[bytes, Entry]:
-    """``{path: Entry(FILE, owner, Digest("md5", hex))}``."""
-    digests = map(_new_digest, zip(repeat("md5"), map(bytes.decode, md5s)))
-    fields = zip(repeat(FILE), repeat(owner), digests, repeat(False), repeat(None))
-    return dict(zip(paths, map(_new_entry, fields)))
+def _richness(flags: int) -> tuple[bool, bool, bool]:
+    return bool(flags & CONFFILE), bool(flags & KIND_MASK), bool(flags >> 5)
 
 
-def _richer(a: Entry, b: Entry) -> bool:
-    """Does ``a`` record more than ``b`` (conffile flag, then a kind, then a digest)?"""
-    return (a.conffile, a.kind is not None, a.digest is not None) > (
-        b.conffile,
-        b.kind is not None,
-        b.digest is not None,
-    )
-
-
-def canonicalize(entries: dict[bytes, Entry], canon: Canonicalizer) -> dict[bytes, Entry]:
-    """``entries`` (absolute paths) re-keyed by canonical path, in place.
+def canonicalize(records: dict[bytes, bytes], canon: Canonicalizer) -> dict[bytes, bytes]:
+    """``records`` (absolute paths) re-keyed by canonical path, in place.
 
     Each parent directory is resolved once, and only the paths whose name
     changes are touched in Python; the rest is C-level set and map work.  A
     listed path that is the parent of another listed path is a directory in
-    the package, so it is resolved completely: ``/bin`` listed by a package is
-    the directory ``/usr/bin``, not the usrmerge symlink.  When two recorded
-    paths meet on one canonical name, the entry with more information wins.
+    the package, so it is resolved completely: ``/bin`` listed by a package
+    is the directory ``/usr/bin``, not the usrmerge symlink.  When two
+    recorded paths meet on one canonical name, the record with more
+    information wins.
     """
-    keys = list(entries)
+    keys = list(records)
     parent_of = list(map(itemgetter(0), map(bytes.rpartition, keys, repeat(b"/"))))
     moved = {}
     for parent in set(parent_of):
@@ -327,14 +313,14 @@ def canonicalize(entries: dict[bytes, Entry], canon: Canonicalizer) -> dict[byte
     renamed = set(compress(keys, map(bytes.endswith, keys, repeat((b"/", b"/.", b"/..")))))
     if moved:
         renamed.update(compress(keys, map(moved.__contains__, parent_of)))
-        renamed.update(moved.keys() & entries.keys())
-    popped = [(key, entries.pop(key)) for key in sorted(renamed)]  # sorted: the same order every run
-    for key, entry in popped:
+        renamed.update(moved.keys() & records.keys())
+    popped = [(key, records.pop(key)) for key in sorted(renamed)]  # sorted: the same order every run
+    for key, record in popped:
         new = moved.get(key) or canon(key)
-        old = entries.get(new)
-        if old is None or _richer(entry, old):
-            entries[new] = entry
-    return entries
+        old = records.get(new)
+        if old is None or _richer(record, old):
+            records[new] = record
+    return records
 
 
 def _normal(directory: bytes) -> bytes:
@@ -389,7 +375,10 @@ def _load_manifest(root: str | bytes) -> Manifest:
             f"cannot read the dpkg info directory {os.fsdecode(info_dir)}: {exc.strerror}"
         ) from exc
 
-    entries: dict[bytes, Entry] = {}
+    # Each package's paths are made canonical before they join the rest: the
+    # big dict then only grows (re-keying it in place cost a second table).
+    canon = Canonicalizer(root)
+    records: dict[bytes, bytes] = {}
     for package in sorted(status, key=lambda p: (p.name, p.architecture or "")):
         if not package.installed:
             continue
@@ -400,35 +389,38 @@ def _load_manifest(root: str | bytes) -> Manifest:
                 f"{package.name}:{package.architecture}; its files count as not installed by dpkg"
             )
             continue
-        owned = _package_entries(package, owner, os.path.join(info_dir, os.fsencode(owner)), warn)
+        owned = _package_records(manifest, package, owner, os.path.join(info_dir, os.fsencode(owner)), warn)
         for frm in sorted(owned.keys() & diversions.keys()):
             to, diverter = diversions[frm]
             if diverter != package.name:
                 # dpkg installed this package's ``frm`` as ``to``.
                 owned[to] = owned.pop(frm)
-        for path in owned.keys() & entries.keys():
+        owned = canonicalize(owned, canon)
+        for path in owned.keys() & records.keys():
             # Listed by an earlier package too (directories, Multi-Arch: same files).
-            old = entries[path]
-            if old.kind is not None and _richer(old, owned[path]):
+            old = records[path]
+            if old[0] & KIND_MASK and _richer(old, owned[path]):
                 owned[path] = old
-        entries.update(owned)
+        records.update(owned)
 
-    manifest.entries = canonicalize(entries, Canonicalizer(root))
+    manifest.records = records
     return manifest
 
 
-def _package_entries(
-    package: StatusPackage, owner: str, stem: bytes, warn: Callable[[str], None]
-) -> dict[bytes, Entry]:
+def _package_records(
+    manifest: Manifest, package: StatusPackage, owner: str, stem: bytes, warn: Callable[[str], None]
+) -> dict[bytes, bytes]:
     """What one package's ``.list``, ``.md5sums`` and conffiles say, under the names it ships."""
     data = _read_info(stem + b".list", warn)
     if data is None:
         return {}
     listed = parse_list(data, stem + b".list", warn)
-    owned = dict.fromkeys(listed, Entry(None, owner))
+    owned = dict.fromkeys(listed, manifest.pack(Entry(None, owner)))
     data = _read_info(stem + b".md5sums", warn, missing_ok=True)
     if data:
-        files = _file_entries(owner, *parse_md5sums(data, stem + b".md5sums", warn))
+        paths, md5s = parse_md5sums(data, stem + b".md5sums", warn)
+        # One bytes object per file, built in C: the record head, then the raw md5.
+        files = dict(zip(paths, map(manifest.head(MD5_FILE, owner).__add__, map(unhexlify, md5s))))
         count = len(owned)
         owned.update(files)
         if len(owned) != count:
@@ -441,5 +433,5 @@ def _package_entries(
             # The package no longer ships it: the file is the admin's now.
             owned.pop(conffile.path, None)
         else:
-            owned[conffile.path] = Entry(FILE, owner, conffile.digest, conffile=True)
+            owned[conffile.path] = manifest.pack(Entry(FILE, owner, conffile.digest, conffile=True))
     return owned

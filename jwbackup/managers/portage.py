@@ -197,7 +197,7 @@ def _settings(portage, root: str, eprefix: str):
 
 def _add_contents(manifest, cpv, contents, root_len, protect, canonical, contents_file) -> None:
     """Add one package's getcontents() result to ``manifest``."""
-    undecodable = 0
+    undecodable = bad_digests = 0
     for key, data in contents.items():
         if "\ufffd" in key:
             # portage decoded a non-UTF-8 name with errors="replace": the name
@@ -212,16 +212,22 @@ def _add_contents(manifest, cpv, contents, root_len, protect, canonical, content
             path = canonical.directory(posixpath.normpath(path))
         else:
             path = canonical(path)
-        old = manifest.entries.get(path)
+        old = manifest.get(path)
         if old is not None and kind == DIR and old.kind != DIR:
             continue  # a parent-directory entry never hides a file or symlink
-        manifest.entries[path] = Entry(
-            kind=kind,
-            package=cpv,
-            digest=Digest("md5", data[2].lower()) if kind == FILE else None,
-            conffile=kind in (FILE, SYMLINK) and bool(protect.isprotected(key)),
-            mtime=_int(data[1]) if kind in (FILE, SYMLINK) else None,
-        )
+        try:
+            manifest[path] = Entry(
+                kind=kind,
+                package=cpv,
+                digest=Digest("md5", data[2].lower()) if kind == FILE else None,
+                conffile=kind in (FILE, SYMLINK) and bool(protect.isprotected(key)),
+                mtime=_int(data[1]) if kind in (FILE, SYMLINK) else None,
+            )
+        except ValueError:  # an md5 that is not 32 hex digits: the file is backed up
+            bad_digests += 1
+            manifest.pop(path, None)
+    if bad_digests:
+        _warn(manifest, f"{contents_file}: {bad_digests} md5s are not 32 hex digits; those files are backed up")
     if undecodable:
         _warn(
             manifest,
