@@ -39,7 +39,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from jwbackup.rsync import PARTIAL, VANISHED, Result, Stats
 
@@ -178,6 +178,24 @@ class _Entry:
     target: bytes | None = None  # symlink target
 
 
+class _Dir(NamedTuple):
+    """A directory's attributes, set once its contents are in place (kept for
+    every directory of the generation: no stat result, no split path)."""
+
+    path: bytes
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    attrs: dict[str, bytes] | None
+
+    @classmethod
+    def of(cls, entry: _Entry) -> _Dir:
+        st = entry.st
+        return cls(entry.path, st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns, entry.attrs or None)
+
+
 @dataclass
 class _Run:
     stats: Stats = field(default_factory=Stats)
@@ -228,7 +246,7 @@ class Linker:
             self._dst = _Dirs(dst_top)
             self._prev = [_Dirs(fd) for fd in prev_tops]
             self._leaders = _Dirs(dst_top)
-            self._dirs: list[_Entry] = []
+            self._dirs: list[_Dir] = []
             self._top_done: set[bytes] = set()
             groups: dict[tuple[int, int], list[tuple[tuple, _Entry]]] = {}
             try:
@@ -313,7 +331,7 @@ class Linker:
             run.partial = True
             run.warn(f'cannot read "/": {exc.strerror}')
             return
-        self._dirs.append(_Entry(b"/", (), st, attrs))
+        self._dirs.append(_Dir.of(_Entry(b"/", (), st, attrs)))
         run.stats.files += 1
         for name in names:
             name = os.fsencode(name)
@@ -372,7 +390,7 @@ class Linker:
             pass
         except OSError as exc:
             raise self._dest_error(entry.parts, exc)
-        self._dirs.append(entry)
+        self._dirs.append(_Dir.of(entry))
         run.stats.files += 1
 
     def _dest_error(self, parts: tuple[bytes, ...], exc: OSError) -> DestinationWriteError:
@@ -630,21 +648,21 @@ class Linker:
     def _finish_dirs(self, run: _Run) -> None:
         """Directory attributes last, deepest first, as rsync does: creating the
         entries inside would change the mtime, a default ACL would be inherited."""
-        for entry in reversed(self._dirs):
+        for d in reversed(self._dirs):
+            parts = _parts(d.path)
             try:
-                fd = self._dst.open(entry.parts) if entry.parts else self._dst.top
+                fd = self._dst.open(parts) if parts else self._dst.top
             except OSError as exc:
-                raise self._dest_error(entry.parts, exc)
-            st = entry.st
+                raise self._dest_error(parts, exc)
             try:
-                os.fchown(fd, st.st_uid, st.st_gid)
-                for name, value in entry.attrs.items():
+                os.fchown(fd, d.uid, d.gid)
+                for name, value in (d.attrs or {}).items():
                     os.setxattr(fd, name, value)
-                os.fchmod(fd, stat.S_IMODE(st.st_mode))
-                if _sec(os.fstat(fd).st_mtime_ns) != _sec(st.st_mtime_ns):  # as rsync: equal seconds are left
-                    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                os.fchmod(fd, stat.S_IMODE(d.mode))
+                if _sec(os.fstat(fd).st_mtime_ns) != _sec(d.mtime_ns):  # as rsync: equal seconds are left
+                    os.utime(fd, ns=(d.atime_ns, d.mtime_ns))
             except OSError as exc:
-                raise self._dest_error(entry.parts, exc)
+                raise self._dest_error(parts, exc)
 
 
 def build(source: str | bytes, paths: Iterable[bytes], target: str | bytes,
