@@ -5,7 +5,8 @@
 
 Needs a system and a previous generation from ``run.py`` at the same scale
 (``WORK/runs/N/jwbackup``).  Times, separately and in order: the manifest,
-verification (stat cache warm), the selection walk alone (into a list), rsync
+verification (stat cache warm), the selection walk alone (into a list), their
+sum against a bare ``os.scandir`` walk of the same tree, rsync
 ``--files-from`` that list with ``--link-dest`` (what jwbackup's rsync builder
 does, minus the overlap), and the linker on the same list.  Each new
 generation goes to a scratch directory next to the real ones and is removed.
@@ -34,6 +35,12 @@ from jwbackup.generate import load_manifest, make_selector  # noqa: E402
 def cpu() -> float:
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def wall_time(fn, *args) -> float:
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
 
 
 class Steps:
@@ -69,6 +76,10 @@ def main(argv=None) -> int:
     selector = steps.time("verify (stat cache warm) + selector", make_selector, cfg, root, manifest)
     paths = steps.time("walk alone (select into a list)", lambda: list(selector.select(cfg.roots)))
     print(f"  {len(paths):,} paths selected of {meta['entries']:,} entries")
+    overhead = sum(wall for _, wall, _ in steps.rows)
+    bare = min(wall_time(synth.count_entries, os.fsencode(root)) for _ in range(3))
+    print(f"  overhead (manifest + verification + walk) {overhead:.2f} s; a bare os.scandir walk of the root "
+          f"(best of 3) {bare:.2f} s: {overhead / bare:.1f} x", flush=True)
 
     scratch = os.path.join(jw.dest, "..", "scratch")
 

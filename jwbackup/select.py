@@ -18,6 +18,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Iterable, Iterator
 
 from jwbackup.managers import DIR, FILE, KIND_MASK, KINDS, SYMLINK, Manifest
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 NO_BACKUP = b".no-backup"
 CACHEDIR_TAG = b"CACHEDIR.TAG"
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+_MARKERS = frozenset({NO_BACKUP, CACHEDIR_TAG})
+_NAME = attrgetter("name")
 
 
 @dataclass
@@ -59,9 +62,8 @@ def system_path(root: bytes, real_path: bytes) -> bytes | None:
 _NO_KIND, _FILE, _DIR, _SYMLINK = (KINDS.index(k) for k in (None, FILE, DIR, SYMLINK))
 
 
-def _kind_matches(record: bytes, entry: os.DirEntry) -> bool:
-    """Is ``entry`` (not a directory) of the kind its manifest record says?"""
-    kind = record[0] & KIND_MASK
+def _kind_matches(kind: int, entry: os.DirEntry) -> bool:
+    """Is ``entry`` (not a directory) of the kind (code) its manifest record says?"""
     if kind == _FILE:
         return entry.is_file(follow_symlinks=False)
     if kind == _NO_KIND:
@@ -119,12 +121,14 @@ class Selector:
 
     # The walk keeps two stacks: the directories being listed, and the owned
     # directories entered but not yet yielded (``pending``).  Yielding anything
-    # first yields the pending directories, outermost first.
+    # first yields the pending directories, outermost first.  It runs once per
+    # entry of the system: the counters are local until it ends.
     def _walk(self, top: bytes, directories: bool) -> Iterator[bytes]:
         prefix = self.prefix
         records = self.records
         stats = self.stats
-        changed = self.verifier.changed
+        modified = self.verifier.modified
+        entries = owned = selected = 0
 
         try:
             st = os.lstat(prefix + top)
@@ -144,42 +148,49 @@ class Selector:
         elif directories or not listing:
             stats.selected += 1
             yield top
-        stack = [(top, iter(listing))]
+        stack = [(top, join(top, b""), iter(listing))]
 
-        while stack:
-            parent, children = stack[-1]
-            child = next(children, None)
-            if child is None:
-                stack.pop()
-                if pending and pending[-1] == parent:
-                    pending.pop()
-                continue
-            path = join(parent, child.name)
-            if child.is_dir(follow_symlinks=False):
-                listing = self._enter(path)
-                if listing is None:
+        try:
+            while stack:
+                parent, base, children = stack[-1]
+                child = next(children, None)
+                if child is None:
+                    stack.pop()
+                    if pending and pending[-1] == parent:
+                        pending.pop()
                     continue
-                stack.append((path, iter(listing)))
-                if self._owned_dir(path):
-                    if directories:
-                        pending.append(path)
-                    continue
-                if not directories and listing:
-                    continue
-            else:
-                stats.entries += 1
-                record = records.get(path)
-                if record is not None and _kind_matches(record, child):
-                    if not changed(path):
-                        stats.owned += 1
+                path = base + child.name
+                if child.is_dir(follow_symlinks=False):
+                    listing = self._enter(path)
+                    if listing is None:
                         continue
-                    stats.modified += 1
-            if pending:
-                stats.selected += len(pending)
-                yield from pending
-                pending.clear()
-            stats.selected += 1
-            yield path
+                    stack.append((path, path + b"/", iter(listing)))
+                    if self._owned_dir(path):
+                        if directories:
+                            pending.append(path)
+                        continue
+                    if not directories and listing:
+                        continue
+                else:
+                    entries += 1
+                    record = records.get(path)
+                    if record is not None:
+                        kind = record[0] & KIND_MASK
+                        if child.is_file(follow_symlinks=False) if kind == _FILE else _kind_matches(kind, child):
+                            if path not in modified:
+                                owned += 1
+                                continue
+                            stats.modified += 1
+                if pending:
+                    selected += len(pending)
+                    yield from pending
+                    pending.clear()
+                selected += 1
+                yield path
+        finally:
+            stats.entries += entries
+            stats.owned += owned
+            stats.selected += selected
 
     def _owned_dir(self, path: bytes) -> bool:
         record = self.records.get(path)
@@ -201,6 +212,8 @@ class Selector:
             self.stats.skipped.append((path, exc.strerror or "unreadable"))
             return None
         self.stats.directories += 1
+        if _MARKERS.isdisjoint(map(_NAME, listing)):  # in C: almost every directory
+            return listing
         for e in listing:
             if e.name == NO_BACKUP:
                 self.stats.skipped.append((path, NO_BACKUP.decode()))
