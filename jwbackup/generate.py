@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from jwbackup import managers, verify
+from jwbackup import managers, manifestcache, verify
 from jwbackup.config import Config
 from jwbackup.errors import EX_OK
 from jwbackup.excludes import owned_unmodified, write_atomically, write_rules
@@ -25,11 +25,12 @@ logger = logging.getLogger(__name__)
 def load_manifest(cfg: Config, root: str) -> Manifest:
     started = time.monotonic()
     manager = managers.detect(root, cfg.manager)
-    manifest = manager.manifest(root)
+    manifest, kept = manifestcache.load(manager, root)
     for warning in manifest.warnings:
         logger.warning("%s", warning)
     logger.info(
-        "%s manifest: %d paths in %.2f s", manager.name, len(manifest), time.monotonic() - started
+        "%s manifest: %d paths in %.2f s%s", manager.name, len(manifest), time.monotonic() - started,
+        " (kept from an earlier run)" if kept else "",
     )
     return manifest
 

@@ -25,6 +25,7 @@ class Canonicalizer:
     def __init__(self, root: str | bytes = "/"):
         self.root = os.fsencode(root).rstrip(b"/")
         self._dirs: dict[bytes, bytes] = {b"/": b"/", b"": b"/"}
+        self.links: dict[bytes, bytes] = {}  # every symlink followed: system path -> target as read
 
     def __call__(self, path: bytes) -> bytes:
         """The canonical form of the absolute system path ``path``."""
@@ -64,6 +65,7 @@ class Canonicalizer:
                 except OSError:
                     target = None
                 if target is not None:
+                    self.links[candidate] = target
                     if not target.startswith(b"/"):
                         target = posixpath.join(parent, target)
                     target = posixpath.normpath(target)

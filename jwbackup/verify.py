@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from itertools import chain, islice
 from typing import AbstractSet, Iterable, Iterator
 
+from jwbackup import cachedir
 from jwbackup.managers import (
     ALGORITHMS, CONFFILE, DIGEST_AT, DIR, KIND_MASK, KINDS, Manifest, record_algorithm, record_digest,
 )
@@ -65,22 +66,16 @@ logger = logging.getLogger(__name__)
 MODES = ("all", "conffiles", "none")
 DEFAULT_MODE = "all"
 
-CACHE_DIR = b"/var/lib/jwbackup/cache"  # a system path, under the root
-CACHE_FILE = CACHE_DIR + b"/verify"
+CACHE_FILE = cachedir.CACHE_DIR + b"/verify"  # a system path, under the root
 CACHE_MAGIC = b"jwbackup-verify-cache"
 CACHE_VERSION = 2
 CACHED_ALGORITHM = "md5"  # what dpkg and portage record; other digests are hashed every run
 _CACHED_CODE = ALGORITHMS.index(CACHED_ALGORITHM)
 _CACHED_END = DIGEST_AT + hashlib.new(CACHED_ALGORITHM).digest_size  # the digest's end in a record
 _DIR = KINDS.index(DIR)
-CACHEDIR_TAG = (
-    b"Signature: 8a477f597d28d172789f06886806bc55\n"
-    b"# This file is a cache directory tag created by jwbackup.\n"
-    b"# For information about cache directory tags, see https://bford.info/cachedir/\n"
-)
 
 CHUNK = 1 << 20
-RACY_NS = 2_000_000_000  # a file changed this recently may change again within the same timestamp tick
+RACY_NS = cachedir.RACY_NS
 MAX_WORKERS = 8
 PROCESS_MIN = 2000  # fewer files to hash are hashed in this process: starting workers costs more
 BIG_FILE = 1 << 20  # files this large are hashed first, largest first
@@ -489,34 +484,16 @@ def _load_cache(path: bytes) -> _Cache:
 
 
 def _save_cache(path: bytes, records: Iterable[memoryview]) -> None:
-    """Write the cache through a temporary neighbour and a rename; failures are warnings."""
-    directory = os.path.dirname(path)
-    tmp = path + b".new"
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        tag = os.path.join(directory, b"CACHEDIR.TAG")
-        if not os.path.exists(tag):
-            with open(tag, "wb") as f:
-                f.write(CACHEDIR_TAG)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb", buffering=CHUNK) as f:
-            f.write(b"%s %d %s\n" % (CACHE_MAGIC, CACHE_VERSION, CACHED_ALGORITHM.encode()))
-            count = crc = 0
-            for record in records:
-                f.write(record)
-                crc = zlib.crc32(record, crc)
-                count += 1
-            f.write(_FOOTER.pack(count, crc))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        logger.warning("cannot save the verification cache %s (%s); the next run hashes again",
-                       os.fsdecode(path), exc.strerror)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    def write(f) -> None:
+        f.write(b"%s %d %s\n" % (CACHE_MAGIC, CACHE_VERSION, CACHED_ALGORITHM.encode()))
+        count = crc = 0
+        for record in records:
+            f.write(record)
+            crc = zlib.crc32(record, crc)
+            count += 1
+        f.write(_FOOTER.pack(count, crc))
+
+    cachedir.save(path, write, "verification cache")
 
 
 def _size(n: float) -> str:

@@ -192,9 +192,14 @@ def test_cache_of_an_older_format_is_rebuilt_without_a_warning(jwbackup, debian,
         current = f.read()
     with open(cache, "wb") as f:  # what the first format looked like: hex digests
         f.write(b"jwbackup-verify-cache 1 md5\n0 0\n")
-    selected, stderr = files(jwbackup, debian.root, tmp_path)
-    assert b"WARNING" not in stderr and b"from an older jwbackup" in stderr
-    assert stats(stderr)["hashed"] == 4 and b"/usr/bin/tool" not in selected
+    cfg = tmp_path / "jwbackup.yaml"
+    log = tmp_path / "run.log"
+    result = jwbackup("-c", cfg, "--root", debian.root, "-L", "INFO", "files", "-0", log_file=log)
+    assert result.returncode == 0 and result.stderr == b""  # stderr: warnings only
+    assert "INFO jwbackup.verify: verification cache" in log.read_text()
+    assert "from an older jwbackup" in log.read_text() and stats(log.read_bytes())["hashed"] == 4
+    selected = result.stdout.split(b"\0")
+    assert debian.path(b"/usr/bin/tool") not in selected and debian.path(b"/var") in selected
     with open(cache, "rb") as f:
         assert f.read().split(b"\n")[0] == current.split(b"\n")[0]
 

@@ -8,7 +8,11 @@ under ``root`` (``/`` normally, a chroot or mounted disk otherwise):
 * ``manifest(root)``: every path I installed, canonical, with what I recorded
   about it (:class:`Manifest`);
 * ``packages(root)``: what is installed, and what was asked for explicitly
-  (:class:`Package`), so that a restore knows what to reinstall.
+  (:class:`Package`), so that a restore knows what to reinstall;
+* optionally ``fingerprint(root)``: bytes that change whenever the manifest
+  would, read in a fraction of the time the manifest takes (file identities
+  and times), or None when it cannot tell right now.  A manager that has it
+  gets its manifest kept between runs (:mod:`jwbackup.manifestcache`).
 
 Paths are ``bytes`` and absolute *as seen from inside the system*
 (``b"/usr/bin/ls"``), never prefixed with ``root``.
@@ -73,6 +77,7 @@ HAS_MTIME = 0x10
 ALGORITHMS = (None, "md5", "sha1", "sha256", "sha512")  # index: flags >> 5
 DIGEST_SIZES = (0, 16, 20, 32, 64)
 MD5_FILE = KINDS.index(FILE) | ALGORITHMS.index("md5") << 5  # the flags of most records
+RECORD_FORMAT = 1  # the layout above; kept manifests of another are read again
 _HEAD = struct.Struct("<BI")
 DIGEST_AT = _HEAD.size  # where a record's digest starts
 _MTIME = struct.Struct("<q")
@@ -100,6 +105,9 @@ class Manifest(MutableMapping):
         self.records: dict[bytes, bytes] = {}
         self.packages: list[str] = []
         self.warnings: list[str] = list(warnings)
+        # The symlinked directories the recorded paths were made canonical
+        # through (system path -> target): a kept copy holds while they do.
+        self.links: dict[bytes, bytes] = {}
         self._numbers: dict[str, int] = {}
         self._shared: dict[bytes, bytes] = {}
         if entries:

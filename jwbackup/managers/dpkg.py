@@ -18,16 +18,20 @@ never left out wrongly.
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import os
 import posixpath
 import re
+import struct
+import time
 from binascii import unhexlify
 from contextlib import contextmanager
 from itertools import compress, repeat
 from operator import itemgetter
 from typing import Callable, Iterable, NamedTuple
 
+from jwbackup.cachedir import RACY_NS
 from jwbackup.errors import ManifestError
 from jwbackup.managers import CONFFILE, FILE, KIND_MASK, MD5_FILE, Digest, Entry, Manifest, Package
 from jwbackup.paths import Canonicalizer
@@ -60,6 +64,7 @@ _MD5_SEPARATOR = itemgetter(slice(32, 34))
 _MD5_PATH = itemgetter(slice(34, None))
 _MD5_SEPARATORS = frozenset({b"  ", b" *"})
 _LOWER_HEX = b"0123456789abcdef"
+_STAT_ID = struct.Struct("<QQQqq")
 
 
 class Conffile(NamedTuple):
@@ -91,6 +96,26 @@ class Dpkg:
 
     def manifest(self, root: str) -> Manifest:
         return load_manifest(root)
+
+    def fingerprint(self, root: str) -> bytes | None:
+        """What the manifest is read from: the identity and times of the status
+        and diversions files and of every file in ``info/``.  Any write moves a
+        ctime; None while one is too recent to tell a second write from the first."""
+        h = hashlib.sha256()
+        newest = 0
+        info = _admin(root, b"info")
+        with os.scandir(info) as it:
+            names = sorted(entry.name for entry in it)
+        for path in (_admin(root, b"status"), _admin(root, b"diversions"), info,
+                     *(os.path.join(info, name) for name in names)):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                h.update(b"-" + path + b"\0")
+                continue
+            h.update(path + b"\0" + _STAT_ID.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            newest = max(newest, st.st_ctime_ns)
+        return None if newest > time.time_ns() - RACY_NS else h.digest()
 
     def packages(self, root: str) -> list[Package]:
         auto = read_auto_installed(os.path.join(os.fsencode(root), EXTENDED_STATES))
@@ -404,6 +429,7 @@ def _load_manifest(root: str | bytes) -> Manifest:
         records.update(owned)
 
     manifest.records = records
+    manifest.links = canon.links
     return manifest
 
 

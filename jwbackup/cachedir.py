@@ -1,0 +1,53 @@
+"""jwbackup's cache directory: what a run keeps so that the next one is quicker.
+
+Everything in it can be thrown away: a missing, corrupt or stale file only
+costs the next run the time to rebuild it.  The directory is a system path
+under the root, holds a ``CACHEDIR.TAG`` (so the walk, borg, restic and tar
+leave it out), and only root can read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import BinaryIO, Callable
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR = b"/var/lib/jwbackup/cache"
+CACHEDIR_TAG = (
+    b"Signature: 8a477f597d28d172789f06886806bc55\n"
+    b"# This file is a cache directory tag created by jwbackup.\n"
+    b"# For information about cache directory tags, see https://bford.info/cachedir/\n"
+)
+BUFFER = 1 << 20
+# A file changed this recently may change again within the same timestamp
+# tick, unseen: what was read from it is not kept.
+RACY_NS = 2_000_000_000
+
+
+def save(path: bytes, write: Callable[[BinaryIO], None], what: str) -> bool:
+    """Write the cache file ``path`` (a real path) through ``write``, via a temporary
+    neighbour and a rename.  A failure is a warning naming ``what``; returns success."""
+    directory = os.path.dirname(path)
+    tmp = path + b".new"
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        tag = os.path.join(directory, b"CACHEDIR.TAG")
+        if not os.path.exists(tag):
+            with open(tag, "wb") as f:
+                f.write(CACHEDIR_TAG)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb", buffering=BUFFER) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return True
+    except OSError as exc:
+        logger.warning("cannot save the %s %s (%s); the next run builds it again", what, os.fsdecode(path), exc.strerror)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
