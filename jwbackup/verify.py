@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import multiprocessing
 import os
 import stat
@@ -211,8 +212,9 @@ def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[array, _Misse
     lstat = os.lstat
     isreg = stat.S_ISREG
     pack = _KEY.pack
-    body, find = cache.body, cache.find
+    body, find, release = cache.body, cache.find, cache.release
     at = cache.start  # where the next record is expected: files come in the order the last run saved them
+    release_at = at + RELEASE_BYTES
     everything = mode == "all"
     for path, record in records:
         flags = record[0]
@@ -237,7 +239,7 @@ def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[array, _Misse
             misses.add(path, record, st.st_size, False)
             continue
         key = pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if not body.startswith(key, at):
+        if body.find(key, at, at + _KEY.size) != at:
             found = find(key)
             if found < 0:
                 order.append(-1 - misses.add(path, record, st.st_size, True))
@@ -248,6 +250,9 @@ def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[array, _Misse
         if body[at + _KEY.size:at + _RECORD.size] != record[DIGEST_AT:_CACHED_END]:
             modified.add(path)
         at += _RECORD.size
+        if at > release_at:
+            release(at)
+            release_at = at + RELEASE_BYTES
     return order, misses, no_digest
 
 
@@ -402,24 +407,49 @@ def _hash_file(real: bytes, algorithm: str, buf: bytearray) -> tuple[bytes | str
 _KEY = struct.Struct("<QQQqq")
 _RECORD = struct.Struct(f"<{_KEY.size}s{_CACHED_END - DIGEST_AT}s")
 _FOOTER = struct.Struct("<QI")
+RELEASE_BYTES = 4 << 20  # the scan gives back the cache's pages behind it in steps of this
+RELEASE_EVERY = RELEASE_BYTES // _RECORD.size  # records
 
 
 class _Cache:
-    """The records of the last run, read in place.
+    """The records of the last run, mapped from the file and read in place.
 
     They are saved in the order the files are scanned, so a run finds each
-    record right after the previous one (one ``startswith`` on the body, no
+    record right after the previous one (one ``find`` at that offset, no
     hashing); only a file out of that order is looked up in an index, which
-    is built the first time one is.
+    is built the first time one is.  The pages behind the scan are given back
+    as it goes (:meth:`release`): the cache costs a run a window of memory,
+    not its size (31 MB at 1M entries).
     """
 
-    def __init__(self, data: bytes = b"", start: int = 0, end: int = 0):
+    def __init__(self, data: bytes | mmap.mmap = b"", start: int = 0, end: int = 0):
         self.body = data  # the records are data[start:end], offsets are into data: no copy is made
         self.start = start
         self.end = end
         self.count = (end - start) // _RECORD.size
         self.jumps = 0  # records met out of order: saving again puts them in order
         self._index: dict[bytes, int] | None = None
+        self._kept = 0  # pages from here on may be resident
+
+    def release(self, upto: int | None = None) -> None:
+        """Give back the pages before offset ``upto`` (all: None); a later read maps them again."""
+        if not isinstance(self.body, mmap.mmap):
+            return
+        upto = len(self.body) if upto is None else upto - upto % mmap.PAGESIZE
+        if upto > self._kept:
+            self.body.madvise(mmap.MADV_DONTNEED, self._kept, upto - self._kept)
+        self._kept = upto
+
+    def crc32(self) -> int:
+        """The checksum of the records, read in steps that are given back."""
+        view, crc = memoryview(self.body), 0
+        for at in range(self.start, self.end, RELEASE_BYTES):
+            crc = zlib.crc32(view[at:min(at + RELEASE_BYTES, self.end)], crc)
+            self.release(at)
+        view.release()
+        self._kept = 0
+        self.release()
+        return crc
 
     def find(self, key: bytes) -> int:
         """The offset of the record for ``key``, or -1."""
@@ -428,6 +458,8 @@ class _Cache:
         if self._index is None:
             body, size = self.body, _KEY.size
             self._index = {body[at:at + size]: at for at in range(self.start, self.end, _RECORD.size)}
+            self._kept = 0
+            self.release()
         at = self._index.get(key, -1)
         self.jumps += at >= 0
         return at
@@ -435,11 +467,14 @@ class _Cache:
     def records(self, order: array, misses: _Misses, keep_unmet: bool) -> Iterator[memoryview]:
         """The records for the next run, in scan order; ``keep_unmet`` keeps the ones not met."""
         body, slots, filled, size = memoryview(self.body), memoryview(misses.slots), misses.filled, _RECORD.size
-        for at in order:
+        self._kept = 0
+        for n, at in enumerate(order):
             if at >= 0:
                 yield body[at:at + size]
             elif filled[j := -1 - at]:
                 yield slots[j * size:(j + 1) * size]
+            if not n % RELEASE_EVERY:
+                self.release(max(at, 0))
         if keep_unmet:
             met = bytearray(self.count)
             for at in order:
@@ -448,18 +483,21 @@ class _Cache:
             for i in range(self.count):
                 if not met[i]:
                     yield body[self.start + i * size:self.start + (i + 1) * size]
+        self._kept = 0
+        self.release()
 
 
 def _load_cache(path: bytes) -> _Cache:
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except FileNotFoundError:
         return _Cache()
     except OSError as exc:
         logger.warning("cannot read the verification cache %s (%s); every file is hashed", os.fsdecode(path), exc.strerror)
         return _Cache()
-    first = data.find(b"\n")
+    first = data.find(b"\n", 0, 200)
     words = data[:max(first, 0)].split(b" ")
     start, end = first + 1, len(data) - _FOOTER.size
     if first < 0 or len(words) != 3 or words[0] != CACHE_MAGIC:
@@ -475,10 +513,10 @@ def _load_cache(path: bytes) -> _Cache:
         count, crc = _FOOTER.unpack_from(data, end)
         # The checksum catches damage; a record that is still wrong matches no
         # file (keys are compared whole) or no recorded digest (the file is kept).
-        if end - start != count * _RECORD.size or zlib.crc32(memoryview(data)[start:end]) != crc:
-            problem = "corrupt or truncated"
-        else:
-            return _Cache(data, start, end)
+        cache = _Cache(data, start, end)
+        if end - start == count * _RECORD.size and cache.crc32() == crc:
+            return cache
+        problem = "corrupt or truncated"
     logger.warning("verification cache %s ignored: %s; every file is hashed again", os.fsdecode(path), problem)
     return _Cache()
 
