@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, help="rounds of jwbackup vs rsync per scenario (default 3; 1 with --quick)")
     p.add_argument("--first-pairs", type=int, default=1, help="rounds of the full-backup scenarios (default 1)")
     p.add_argument("--work", default=DEFAULT_WORK, help=f"work directory (default {DEFAULT_WORK})")
-    p.add_argument("--scenarios", help="comma-separated subset of: " + ",".join(SCENARIOS))
+    p.add_argument("--scenarios", help="comma-separated subset of: " + ",".join(SCENARIOS).replace("%", "%%"))
     p.add_argument("--no-borg", action="store_true", help="leave out borgmatic (slow)")
     p.add_argument("--tools", help="comma-separated tools (e.g. jwbackup,rsync); each takes part in every round")
     p.add_argument("--sweep", help="comma-separated scales: first+unchanged, jwbackup vs rsync, one pair, and a plot")

@@ -212,7 +212,11 @@ The daily run on systems without systemd.
 The daily run under systemd, with a randomized delay of up to an hour.
 .TP
 .I /var/lib/jwbackup
-State: the checksum cache, and the package lists recorded before each run.
+State: under
+.I cache
+the checksum cache and the manifest kept while the package database is
+unchanged (both can be deleted at any time; the next run rebuilds them),
+and the package lists recorded before each run.
 .TP
 .I /var/log/jwbackup.log
 The log; rotated by
