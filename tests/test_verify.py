@@ -10,7 +10,9 @@ import glob
 import hashlib
 import os
 import re
+import signal
 import struct
+import threading
 import time
 import zlib
 
@@ -388,4 +390,50 @@ def test_many_files_are_hashed_in_worker_processes_with_the_same_verdicts(tmp_pa
     expected = {b"/usr/share/many/f%05d" % i for i in (7, 1234, count - 1)}
     assert pooled.modified == here.modified == expected
     assert pooled.stats.hashed == here.stats.hashed == count - 1
+    assert pooled.stats.bytes_hashed == here.stats.bytes_hashed
+
+
+def _kill_first_child(stop: threading.Event, killed: list[int]) -> None:
+    """Kill (SIGKILL) the first process this one forks, as the OOM killer would a worker."""
+    me = str(os.getpid())
+    while not stop.is_set() and not killed:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = f.read().rsplit(")", 1)[1].split()[1]
+            except OSError:
+                continue
+            if ppid == me:
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+                return
+        time.sleep(0.005)
+
+
+def test_a_killed_worker_process_leaves_the_rest_to_be_hashed_here_with_the_same_verdicts(tmp_path, caplog):
+    root = DebianRoot(tmp_path / "system")
+    count = verify.PROCESS_MIN + 1000
+    filler = os.urandom(64 << 10)  # 64 KiB a file: the pool is still busy when a worker dies
+    root.package("many", files={b"/usr/share/many/f%05d" % i: b"%d" % i + filler for i in range(count)})
+    root.write()
+    for i in (3, 1500, count - 1):
+        with open(root.path(b"/usr/share/many/f%05d" % i), "ab") as f:
+            f.write(b"changed\n")
+    manifest = load_manifest(root.root)
+    here = verify.check(manifest, root.root, cache_file=None, workers=1)
+    caplog.set_level("DEBUG", logger="jwbackup.verify")
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_first_child, args=(stop, killed))
+    killer.start()
+    try:
+        pooled = verify.check(manifest, root.root, cache_file=None, workers=2)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no worker process was started"
+    assert "hashing in worker processes failed" in caplog.text and "hashing the rest here" in caplog.text
+    assert pooled.modified == here.modified == {b"/usr/share/many/f%05d" % i for i in (3, 1500, count - 1)}
+    assert pooled.stats.hashed == here.stats.hashed == count
     assert pooled.stats.bytes_hashed == here.stats.bytes_hashed
