@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from typing import BinaryIO, Callable
 
 logger = logging.getLogger(__name__)
@@ -30,24 +31,28 @@ def save(path: bytes, write: Callable[[BinaryIO], None], what: str) -> bool:
     """Write the cache file ``path`` (a real path) through ``write``, via a temporary
     neighbour and a rename.  A failure is a warning naming ``what``; returns success."""
     directory = os.path.dirname(path)
-    tmp = path + b".new"
+    tmp = None
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         tag = os.path.join(directory, b"CACHEDIR.TAG")
         if not os.path.exists(tag):
             with open(tag, "wb") as f:
                 f.write(CACHEDIR_TAG)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # A name of its own (mode 0600): two runs on one root never write into one file.
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + b".", suffix=b".new", dir=directory)
         with os.fdopen(fd, "wb", buffering=BUFFER) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
         return True
     except OSError as exc:
         logger.warning("cannot save the %s %s (%s); the next run builds it again", what, os.fsdecode(path), exc.strerror)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         return False
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
