@@ -51,3 +51,8 @@ def test_a_digest_that_cannot_be_stored_is_refused_and_changes_nothing(digest):
     with pytest.raises(ValueError):
         manifest[b"/usr/bin/tool"] = Entry(FILE, "tool", digest)
     assert dict(manifest.items()) == {b"/usr/bin/tool": ENTRIES[b"/usr/bin/tool"]}
+
+
+def test_an_mtime_beyond_64_bits_is_refused():
+    with pytest.raises(ValueError, match="out of range"):
+        Manifest({b"/usr/bin/tool": Entry(FILE, "tool", mtime=1 << 63)})

@@ -193,11 +193,14 @@ def test_undecodable_name_is_left_out_with_a_warning(tmp_path):
 def test_md5_that_is_not_hex_leaves_the_file_to_the_backup_with_a_warning(tmp_path):
     root = GentooRoot(tmp_path)
     root.package("app-misc/odd-1", files={b"/usr/bin/fine": b"f"},
-                 extra_lines=["obj /usr/bin/odd not-an-md5-at-all-but-32-chars!! 1700000000"])
+                 extra_lines=["obj /usr/bin/odd not-an-md5-at-all-but-32-chars!! 1700000000",
+                              "obj /usr/bin/late 0cc175b9c0f1b6a831c399e269772661 99999999999999999999"])
     root.write()
     manifest = Portage().manifest(str(root.path))
     assert manifest.get(b"/usr/bin/fine").digest == md5(b"f")
     assert b"/usr/bin/odd" not in manifest  # not owned: the walk keeps it
+    late = manifest.get(b"/usr/bin/late")  # an mtime beyond 64 bits is not one: left unrecorded
+    assert late.digest == Digest("md5", "0cc175b9c0f1b6a831c399e269772661") and late.mtime is None
     assert f"{root.contents_file('app-misc/odd-1')}: 1 md5s are not 32 hex digits" in manifest.warnings[0]
 
 

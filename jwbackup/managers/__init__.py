@@ -66,8 +66,8 @@ class Entry(NamedTuple):
 #
 # flags = kind code | CONFFILE | HAS_MTIME | algorithm code << 5.  The digest
 # and the mtime are there only when the flags say so.  A regular file with an
-# md5 costs 56 bytes; records without a digest are shared (all the directories
-# of a package are one object).  The walk and the verification read records
+# md5 costs one 21-byte record; records without a digest are shared (all the
+# directories of a package are one object).  The walk and the verification read records
 # directly; everyone else gets Entry tuples.
 
 KINDS = (None, FILE, DIR, SYMLINK, OTHER)  # index: kind code
@@ -139,6 +139,8 @@ class Manifest(MutableMapping):
             flags |= algorithm << 5
             tail = raw
         if entry.mtime is not None:
+            if not -(1 << 63) <= entry.mtime < 1 << 63:
+                raise ValueError(f"mtime {entry.mtime} out of range")
             flags |= HAS_MTIME
             tail += _MTIME.pack(entry.mtime)
         record = self.head(flags, entry.package) + tail

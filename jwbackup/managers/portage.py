@@ -282,10 +282,12 @@ def _counter(vardb, cpv) -> int:
 
 
 def _int(text) -> int | None:
+    """A recorded mtime; None when it is not one (it is only ever shown, never trusted)."""
     try:
-        return int(text)
+        value = int(text)
     except (TypeError, ValueError):
         return None
+    return value if -(1 << 63) <= value < 1 << 63 else None
 
 
 def _has_subdir(path: str) -> bool:
