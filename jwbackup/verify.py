@@ -48,6 +48,7 @@ import multiprocessing
 import os
 import stat
 import struct
+import tempfile
 import time
 import zlib
 from array import array
@@ -133,10 +134,10 @@ def check(
     order, misses, no_digest = _scan(records, mode, prefix, cache, modified)
     stats.cache_hits = len(order) - misses.cacheable  # the rest of the order is hashed
     stats.checked = stats.cache_hits + len(misses)
-    _judge(misses, prefix, stats, modified, workers)
+    _judge(misses, prefix, stats, modified, workers, cache_path)
     stats.no_digest = _files_among(no_digest, prefix)
     complete = everything and mode == "all"  # every record of a file still there was met
-    if cache_path and (any(misses.filled) or cache.jumps or (complete and stats.cache_hits < cache.count)):
+    if cache_path and (any(misses.slots.filled) or cache.jumps or (complete and stats.cache_hits < cache.count)):
         _save_cache(cache_path, cache.records(order, misses, keep_unmet=not complete))
     stats.modified = len(modified)
     stats.seconds = time.monotonic() - started
@@ -176,7 +177,7 @@ class _Misses:
 
     Miss ``j`` is ``paths[j]`` with manifest record ``records[j]`` and size
     ``sizes[j]``; once hashed, its cache record (stat key and digest) is in
-    ``slots`` at ``j * _RECORD.size`` where ``filled[j]`` is set.
+    ``slots`` (:class:`_Slots`).
     """
 
     def __init__(self):
@@ -184,8 +185,7 @@ class _Misses:
         self.records: list[bytes] = []
         self.sizes = array("q")
         self.cacheable = 0  # how many have a place in the cache (md5)
-        self.slots = bytearray()
-        self.filled = bytearray()
+        self.slots = _Slots(None, 0)
 
     def add(self, path: bytes, record: bytes, size: int, cacheable: bool) -> int:
         self.paths.append(path)
@@ -256,13 +256,11 @@ def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[array, _Misse
     return order, misses, no_digest
 
 
-def _judge(misses: _Misses, prefix: bytes, stats, modified, workers) -> None:
+def _judge(misses: _Misses, prefix: bytes, stats, modified, workers, cache_path: bytes | None) -> None:
     """Hash the misses and compare with the recorded digests; fills their cache slots."""
     if not misses:
         return
-    size = _RECORD.size
-    misses.slots = bytearray(len(misses) * size)
-    misses.filled = bytearray(len(misses))
+    misses.slots = _Slots(cache_path if misses.cacheable else None, len(misses))
     for j, actual, key, read in _hash_all(misses, prefix, workers):
         if actual == VANISHED:  # compared by value: it may come from a worker process
             continue
@@ -274,8 +272,7 @@ def _judge(misses: _Misses, prefix: bytes, stats, modified, workers) -> None:
         stats.hashed += 1
         stats.bytes_hashed += read
         if key is not None and record[0] >> 5 == _CACHED_CODE:
-            misses.slots[j * size:(j + 1) * size] = key + actual
-            misses.filled[j] = 1
+            misses.slots.put(j, key + actual)
         if actual != record_digest(record):
             modified.add(path)
 
@@ -411,6 +408,45 @@ RELEASE_BYTES = 4 << 20  # the scan gives back the cache's pages behind it in st
 RELEASE_EVERY = RELEASE_BYTES // _RECORD.size  # records
 
 
+class _Slots:
+    """The new cache records of the misses, by miss index, in an unlinked file
+    beside the cache: a first run at 1M entries makes 31 MB of them, which
+    stay in the page cache rather than in this process.  Without a place to
+    write (no cache, or an unwritable directory) nothing is kept."""
+
+    def __init__(self, cache_path: bytes | None, count: int):
+        self.filled = bytearray(count)
+        self._file = None
+        if cache_path is not None and count:
+            try:
+                os.makedirs(os.path.dirname(cache_path), mode=0o700, exist_ok=True)
+                self._file = tempfile.TemporaryFile(dir=os.path.dirname(cache_path))
+                self._file.truncate(count * _RECORD.size)
+            except OSError as exc:
+                logger.warning("cannot save the verification cache %s (%s); the next run hashes again",
+                               os.fsdecode(cache_path), exc.strerror)
+                self._file = None
+
+    def put(self, j: int, record: bytes) -> None:
+        if self._file is None:
+            return
+        try:
+            os.pwrite(self._file.fileno(), record, j * _RECORD.size)
+        except OSError as exc:  # a full disk costs the cache, never the backup
+            logger.warning("cannot keep new verification cache records (%s); the next run hashes again",
+                           exc.strerror)
+            self._file = None
+            self.filled = bytearray(len(self.filled))
+            return
+        self.filled[j] = 1
+
+    def mapped(self) -> _Cache:
+        """The slots as a cache body (offset ``j * size``), for writing them out."""
+        if self._file is None:
+            return _Cache()
+        return _Cache(mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ), 0, len(self.filled) * _RECORD.size)
+
+
 class _Cache:
     """The records of the last run, mapped from the file and read in place.
 
@@ -466,7 +502,8 @@ class _Cache:
 
     def records(self, order: array, misses: _Misses, keep_unmet: bool) -> Iterator[memoryview]:
         """The records for the next run, in scan order; ``keep_unmet`` keeps the ones not met."""
-        body, slots, filled, size = memoryview(self.body), memoryview(misses.slots), misses.filled, _RECORD.size
+        new = misses.slots.mapped()
+        body, slots, filled, size = memoryview(self.body), memoryview(new.body), misses.slots.filled, _RECORD.size
         self._kept = 0
         for n, at in enumerate(order):
             if at >= 0:
@@ -475,6 +512,7 @@ class _Cache:
                 yield slots[j * size:(j + 1) * size]
             if not n % RELEASE_EVERY:
                 self.release(max(at, 0))
+                new.release(max(-1 - at, 0) * size)
         if keep_unmet:
             met = bytearray(self.count)
             for at in order:
