@@ -11,7 +11,9 @@ the next run loads it when:
   seconds: a manager returns None while it cannot tell);
 * it was written by this version of jwbackup for this manager;
 * every symlink the recorded paths were made canonical through still points
-  where it did (a changed ``/bin -> usr/bin`` changes what the paths mean);
+  where it did (a changed ``/bin -> usr/bin`` changes what the paths mean),
+  and every directory they went through is still not a symlink (an admin who
+  moves ``/var/lib/mysql`` away and links it back changes them too);
 * every frame's checksum holds.
 
 Anything else rebuilds it from the database.  A manifest is kept only if the
@@ -21,8 +23,9 @@ the read is never hidden.
 Format: a line ``jwbackup-manifest-cache <version> <manager>``, then frames
 of (payload length, crc32 of the payload), little-endian, and a marshal
 payload: first (fingerprint, jwbackup version, record format, links,
-packages, warnings, path count), then (paths, records) in chunks, so that neither writing nor
-reading ever holds a second copy of the manifest.
+packages, warnings, path count), then the plain directories and (paths,
+records) in chunks, so that neither writing nor reading ever holds a second
+copy of the manifest.
 """
 
 from __future__ import annotations
@@ -81,13 +84,16 @@ def load(manager: Manager, root: str) -> tuple[Manifest, bool]:
         cachedir.save(path, lambda f: _write(f, manager.name, before, manifest), "kept manifest")
     else:
         logger.info("the %s database changed while it was read; its manifest is not kept", manager.name)
+    manifest.plain = []  # only the kept copy needs them
     return manifest, False
 
 
 def _write(f: BinaryIO, name: str, fingerprint: bytes, manifest: Manifest) -> None:
     f.write(b"%s %d %s\n" % (MAGIC, VERSION, os.fsencode(name)))
     _frame(f, (fingerprint, __version__, RECORD_FORMAT, manifest.links, manifest.packages, manifest.warnings,
-               len(manifest)))
+               len(manifest.plain), len(manifest)))
+    for start in range(0, len(manifest.plain), CHUNK):
+        _frame(f, manifest.plain[start:start + CHUNK])
     paths = list(manifest.records)
     for start in range(0, len(paths), CHUNK):
         chunk = paths[start:start + CHUNK]
@@ -107,7 +113,7 @@ def _read(path: bytes, name: str, fingerprint: bytes, prefix: bytes) -> Manifest
             if line.startswith(MAGIC + b" "):
                 raise _Stale("another format")
             raise ValueError("not a kept manifest")
-        kept, version, record_format, links, packages, warnings, count = _unframe(f)
+        kept, version, record_format, links, packages, warnings, plain, count = _unframe(f)
         if (version, record_format) != (__version__, RECORD_FORMAT):
             raise _Stale(f"kept by jwbackup {version}")
         if kept != fingerprint:
@@ -119,17 +125,25 @@ def _read(path: bytes, name: str, fingerprint: bytes, prefix: bytes) -> Manifest
                 now = None
             if now != target:
                 raise _Stale(f"the symlink {os.fsdecode(link)} changed")
+        for _ in range(_frames(plain)):
+            for directory in _unframe(f):
+                if os.path.islink(prefix + directory):
+                    raise _Stale(f"{os.fsdecode(directory)} is a symlink now")
         manifest = Manifest(warnings=warnings)
         manifest.links = links
         for package in packages:
             manifest.number(package)
         records = manifest.records
-        while len(records) < count:
+        for _ in range(_frames(count)):
             paths, values = _unframe(f)
             records.update(zip(paths, values))
         if len(records) != count or f.read(1):
             raise ValueError(f"{len(records)} paths where {count} were kept")
     return manifest
+
+
+def _frames(items: int) -> int:
+    return -(-items // CHUNK)
 
 
 def _unframe(f: BinaryIO):

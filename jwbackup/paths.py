@@ -27,6 +27,10 @@ class Canonicalizer:
         self._dirs: dict[bytes, bytes] = {b"/": b"/", b"": b"/"}
         self.links: dict[bytes, bytes] = {}  # every symlink followed: system path -> target as read
 
+    def plain(self) -> list[bytes]:
+        """Every directory path looked at that was not a symlink (or did not exist)."""
+        return [path for path in self._dirs if path not in self.links and path not in (b"", b"/")]
+
     def __call__(self, path: bytes) -> bytes:
         """The canonical form of the absolute system path ``path``."""
         path = posixpath.normpath(path)

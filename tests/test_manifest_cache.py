@@ -112,6 +112,19 @@ def test_a_changed_merged_usr_symlink_makes_the_manifest_read_again(jwbackup, de
     assert b"/bin/legacy" not in selected and b"/usr/bin/legacy" in selected
 
 
+def test_a_package_directory_turned_into_a_symlink_makes_the_manifest_read_again(jwbackup, debian, tmp_path):
+    settle()
+    files(jwbackup, debian, tmp_path)
+    # The admin moves a package's directory away and links it back.
+    os.rename(debian.path(b"/usr/share/doc/tool"), debian.path(b"/opt/app/tool-doc"))
+    os.symlink(b"/opt/app/tool-doc", debian.path(b"/usr/share/doc/tool"))
+    selected, _, log = files(jwbackup, debian, tmp_path)
+    assert "kept dpkg manifest not used: /usr/share/doc/tool is a symlink now" in log
+    assert b"/usr/share/doc/tool" in selected  # the admin's symlink is backed up
+    assert b"/opt/app/tool-doc/README" not in selected  # the package's file, moved with it
+    assert selected == fresh(jwbackup, debian, tmp_path)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "a flipped byte", "garbage"])
 def test_damaged_kept_manifest_is_ignored_with_a_warning_and_rebuilt(jwbackup, debian, tmp_path, damage):
     settle()

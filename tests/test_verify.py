@@ -393,22 +393,28 @@ def test_many_files_are_hashed_in_worker_processes_with_the_same_verdicts(tmp_pa
     assert pooled.stats.bytes_hashed == here.stats.bytes_hashed
 
 
-def _kill_first_child(stop: threading.Event, killed: list[int]) -> None:
-    """Kill (SIGKILL) the first process this one forks, as the OOM killer would a worker."""
-    me = str(os.getpid())
-    while not stop.is_set() and not killed:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
+def _children() -> set[int]:
+    me, found = str(os.getpid()), set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
             try:
                 with open(f"/proc/{pid}/stat") as f:
-                    ppid = f.read().rsplit(")", 1)[1].split()[1]
+                    if f.read().rsplit(")", 1)[1].split()[1] == me:
+                        found.add(int(pid))
             except OSError:
-                continue
-            if ppid == me:
-                os.kill(int(pid), signal.SIGKILL)
-                killed.append(int(pid))
-                return
+                pass
+    return found
+
+
+def _kill_first_new_child(stop: threading.Event, killed: list[int], before: set[int]) -> None:
+    """Kill (SIGKILL) the first process this one forks from now on, as the OOM killer would a worker."""
+    while not stop.is_set():
+        new = _children() - before
+        if new:
+            pid = min(new)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
         time.sleep(0.005)
 
 
@@ -425,7 +431,7 @@ def test_a_killed_worker_process_leaves_the_rest_to_be_hashed_here_with_the_same
     here = verify.check(manifest, root.root, cache_file=None, workers=1)
     caplog.set_level("DEBUG", logger="jwbackup.verify")
     stop, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_first_child, args=(stop, killed))
+    killer = threading.Thread(target=_kill_first_new_child, args=(stop, killed, _children()))
     killer.start()
     try:
         pooled = verify.check(manifest, root.root, cache_file=None, workers=2)

@@ -105,9 +105,12 @@ class Manifest(MutableMapping):
         self.records: dict[bytes, bytes] = {}
         self.packages: list[str] = []
         self.warnings: list[str] = list(warnings)
-        # The symlinked directories the recorded paths were made canonical
-        # through (system path -> target): a kept copy holds while they do.
+        # What the recorded paths were made canonical through: the symlinks
+        # (system path -> target) and the directories that were not symlinks.
+        # A kept copy holds while both still are; ``plain`` is dropped once
+        # the copy is written.
         self.links: dict[bytes, bytes] = {}
+        self.plain: list[bytes] = []
         self._numbers: dict[str, int] = {}
         self._shared: dict[bytes, bytes] = {}
         if entries:

@@ -357,7 +357,8 @@ def _normal(directory: bytes) -> bytes:
 
 @contextmanager
 def _gc_paused():
-    """Creating 200k tuples triggers a cyclic GC pass every few hundred; none can be freed."""
+    """Parsing makes many containers (status paragraphs, a dict and lists per
+    package), each counted towards a cyclic GC pass; none of them can be freed."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -430,6 +431,7 @@ def _load_manifest(root: str | bytes) -> Manifest:
 
     manifest.records = records
     manifest.links = canon.links
+    manifest.plain = canon.plain()
     return manifest
 
 
