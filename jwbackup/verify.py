@@ -468,13 +468,20 @@ class _Cache:
         self._kept = 0  # pages from here on may be resident
 
     def release(self, upto: int | None = None) -> None:
-        """Give back the pages before offset ``upto`` (all: None); a later read maps them again."""
+        """Give back the pages before offset ``upto``, or all of them (None).
+
+        A later read maps them again; after releasing all, releasing up to
+        an offset starts over from the first page."""
         if not isinstance(self.body, mmap.mmap):
             return
-        upto = len(self.body) if upto is None else upto - upto % mmap.PAGESIZE
+        if upto is None:
+            self.body.madvise(mmap.MADV_DONTNEED, 0, len(self.body))
+            self._kept = 0
+            return
+        upto -= upto % mmap.PAGESIZE
         if upto > self._kept:
             self.body.madvise(mmap.MADV_DONTNEED, self._kept, upto - self._kept)
-        self._kept = upto
+            self._kept = upto
 
     def crc32(self) -> int:
         """The checksum of the records, read in steps that are given back."""
@@ -483,7 +490,6 @@ class _Cache:
             crc = zlib.crc32(view[at:min(at + RELEASE_BYTES, self.end)], crc)
             self.release(at)
         view.release()
-        self._kept = 0
         self.release()
         return crc
 
@@ -494,7 +500,6 @@ class _Cache:
         if self._index is None:
             body, size = self.body, _KEY.size
             self._index = {body[at:at + size]: at for at in range(self.start, self.end, _RECORD.size)}
-            self._kept = 0
             self.release()
         at = self._index.get(key, -1)
         self.jumps += at >= 0
@@ -504,15 +509,18 @@ class _Cache:
         """The records for the next run, in scan order; ``keep_unmet`` keeps the ones not met."""
         new = misses.slots.mapped()
         body, slots, filled, size = memoryview(self.body), memoryview(new.body), misses.slots.filled, _RECORD.size
-        self._kept = 0
+        self.release()
+        hit = made = 0  # how far each mapping has been read
         for n, at in enumerate(order):
             if at >= 0:
                 yield body[at:at + size]
+                hit = at
             elif filled[j := -1 - at]:
                 yield slots[j * size:(j + 1) * size]
+                made = j * size
             if not n % RELEASE_EVERY:
-                self.release(max(at, 0))
-                new.release(max(-1 - at, 0) * size)
+                self.release(hit)
+                new.release(made)
         if keep_unmet:
             met = bytearray(self.count)
             for at in order:
@@ -521,7 +529,6 @@ class _Cache:
             for i in range(self.count):
                 if not met[i]:
                     yield body[self.start + i * size:self.start + (i + 1) * size]
-        self._kept = 0
         self.release()
 
 
