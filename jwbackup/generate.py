@@ -22,9 +22,9 @@ from jwbackup.select import Selector, system_path
 logger = logging.getLogger(__name__)
 
 
-def load_manifest(cfg: Config, root: str) -> Manifest:
+def load_manifest(cfg: Config, root: str, manager: managers.Manager | None = None) -> Manifest:
     started = time.monotonic()
-    manager = managers.detect(root, cfg.manager)
+    manager = manager or managers.detect(root, cfg.manager)
     manifest, kept = manifestcache.load(manager, root)
     for warning in manifest.warnings:
         logger.warning("%s", warning)
@@ -39,7 +39,8 @@ def make_selector(cfg: Config, root: str, manifest: Manifest) -> Selector:
     """A selector over ``root`` that skips the prune list and a local destination.
 
     Installed files under the roots are verified first (``cfg.verify``, behind
-    the stat cache); the selector keeps the modified ones.
+    the stat cache); the selector keeps the modified ones.  The manifest's
+    digests are dropped then: the walk does not read them.
     """
     prune = [os.fsencode(p) for p in cfg.prune]
     dest = cfg.destination
@@ -48,6 +49,7 @@ def make_selector(cfg: Config, root: str, manifest: Manifest) -> Selector:
         if inside is not None:
             prune.append(inside)
     verifier = verify.check(manifest, root, cfg.verify, roots=cfg.roots)
+    manifest.drop_digests()
     return Selector(manifest, root=root, prune=prune, verifier=verifier)
 
 

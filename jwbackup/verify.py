@@ -171,6 +171,47 @@ def _under(manifest: Manifest, roots: Iterable[str | bytes]) -> tuple[Iterable[t
 # -- comparing -------------------------------------------------------------------
 
 
+class _Order:
+    """What the next cache holds, in scan order: for each file, the offset of
+    its record in this cache (a hit) or ``-1 - j`` for miss ``j``.
+
+    Kept as runs: a hit on the record after the previous hit's, or the miss
+    after the previous miss, lengthens the last run.  Files come in the order
+    the last run saved them, so an unchanged run, and a first run, are one run
+    each, where a list of offsets would take 4 MB at 1M entries.
+    """
+
+    def __init__(self):
+        self.firsts = array("q")
+        self.counts = array("q")
+        self._next: int | None = None  # the value that lengthens the last run (hits >= 0 > misses)
+
+    def hit(self, at: int) -> None:
+        if at == self._next:
+            self.counts[-1] += 1
+        else:
+            self.firsts.append(at)
+            self.counts.append(1)
+        self._next = at + _RECORD.size
+
+    def miss(self, j: int) -> None:
+        value = -1 - j
+        if value == self._next:
+            self.counts[-1] += 1
+        else:
+            self.firsts.append(value)
+            self.counts.append(1)
+        self._next = value - 1
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def __iter__(self) -> Iterator[int]:
+        for first, count in zip(self.firsts, self.counts):
+            step = _RECORD.size if first >= 0 else -1
+            yield from range(first, first + count * step, step)
+
+
 class _Misses:
     """The files the cache cannot judge, in scan order, kept small: at 1M
     entries a first run hashes 560k files.
@@ -198,15 +239,15 @@ class _Misses:
         return len(self.paths)
 
 
-def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[array, _Misses, list[bytes]]:
+def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Misses, list[bytes]]:
     """The lstat pass, judging every file the cache knows: (order, misses, no_digest).
 
-    ``order`` lists, in scan order, what the next cache holds: the offset of
-    a record met in this cache, or ``-1 - j`` for miss ``j``.  Modified
+    ``order`` is what the next cache holds (:class:`_Order`).  Modified
     files, and conffiles that count as modified without being read, go into
     ``modified``.
     """
-    order = array("q")
+    order = _Order()
+    hit, miss = order.hit, order.miss
     misses = _Misses()
     no_digest: list[bytes] = []
     lstat = os.lstat
@@ -242,11 +283,11 @@ def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[array, _Misse
         if body.find(key, at, at + _KEY.size) != at:
             found = find(key)
             if found < 0:
-                order.append(-1 - misses.add(path, record, st.st_size, True))
+                miss(misses.add(path, record, st.st_size, True))
                 at += _RECORD.size  # past the record this file had, if it had one
                 continue
             at = found
-        order.append(at)
+        hit(at)
         if body[at + _KEY.size:at + _RECORD.size] != record[DIGEST_AT:_CACHED_END]:
             modified.add(path)
         at += _RECORD.size
@@ -404,7 +445,7 @@ def _hash_file(real: bytes, algorithm: str, buf: bytearray) -> tuple[bytes | str
 _KEY = struct.Struct("<QQQqq")
 _RECORD = struct.Struct(f"<{_KEY.size}s{_CACHED_END - DIGEST_AT}s")
 _FOOTER = struct.Struct("<QI")
-RELEASE_BYTES = 4 << 20  # the scan gives back the cache's pages behind it in steps of this
+RELEASE_BYTES = 1 << 20  # the scan gives back the cache's pages behind it in steps of this
 RELEASE_EVERY = RELEASE_BYTES // _RECORD.size  # records
 
 
@@ -505,7 +546,7 @@ class _Cache:
         self.jumps += at >= 0
         return at
 
-    def records(self, order: array, misses: _Misses, keep_unmet: bool) -> Iterator[memoryview]:
+    def records(self, order: _Order, misses: _Misses, keep_unmet: bool) -> Iterator[memoryview]:
         """The records for the next run, in scan order; ``keep_unmet`` keeps the ones not met."""
         new = misses.slots.mapped()
         body, slots, filled, size = memoryview(self.body), memoryview(new.body), misses.slots.filled, _RECORD.size

@@ -56,3 +56,12 @@ def test_a_digest_that_cannot_be_stored_is_refused_and_changes_nothing(digest):
 def test_an_mtime_beyond_64_bits_is_refused():
     with pytest.raises(ValueError, match="out of range"):
         Manifest({b"/usr/bin/tool": Entry(FILE, "tool", mtime=1 << 63)})
+
+
+def test_dropping_the_digests_keeps_kinds_packages_and_conffile_marks():
+    entries = {**ENTRIES, b"/usr/bin/tool2": Entry(FILE, "tool", md5(b"tool2"))}
+    manifest = Manifest(entries)
+    manifest.drop_digests()
+    assert dict(manifest.items()) == {path: entry._replace(digest=None, mtime=None) for path, entry in entries.items()}
+    records = manifest.records  # what is left is shared, as for entries that never had a digest
+    assert records[b"/usr/bin/tool"] is records[b"/usr/bin/tool2"] is not records[b"/etc/tool.conf"]
