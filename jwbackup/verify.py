@@ -81,6 +81,7 @@ RACY_NS = cachedir.RACY_NS
 MAX_WORKERS = 8
 PROCESS_MIN = 2000  # fewer files to hash are hashed in this process: starting workers costs more
 BIG_FILE = 1 << 20  # files this large are hashed first, largest first
+MAX_CHUNK = 1024  # files per worker job: its results come back as one list, 0.2 MB of them
 _NOATIME = getattr(os, "O_NOATIME", 0)
 VANISHED = "vanished"  # removed or replaced between the lstat and the open
 
@@ -216,22 +217,23 @@ class _Misses:
     """The files the cache cannot judge, in scan order, kept small: at 1M
     entries a first run hashes 560k files.
 
-    Miss ``j`` is ``paths[j]`` with manifest record ``records[j]`` and size
-    ``sizes[j]``; once hashed, its cache record (stat key and digest) is in
-    ``slots`` (:class:`_Slots`).
+    Miss ``j`` is ``paths[j]`` with manifest record ``records[j]``; ``big``
+    holds the sizes of those of BIG_FILE or more.  Once hashed, its cache
+    record (stat key and digest) is in ``slots`` (:class:`_Slots`).
     """
 
     def __init__(self):
         self.paths: list[bytes] = []
         self.records: list[bytes] = []
-        self.sizes = array("q")
+        self.big: dict[int, int] = {}
         self.cacheable = 0  # how many have a place in the cache (md5)
         self.slots = _Slots(None, 0)
 
     def add(self, path: bytes, record: bytes, size: int, cacheable: bool) -> int:
         self.paths.append(path)
         self.records.append(record)
-        self.sizes.append(size)
+        if size >= BIG_FILE:
+            self.big[len(self.paths) - 1] = size
         self.cacheable += cacheable
         return len(self.paths) - 1
 
@@ -349,7 +351,7 @@ def _hash_all(misses: _Misses, prefix: bytes, workers: int | None) -> Iterator[t
     """
     jobs = (prefix, misses.paths, misses.records)
     workers = workers or min(MAX_WORKERS, os.cpu_count() or 1)
-    size = max(64, len(misses) // (workers * 16))
+    size = max(64, min(MAX_CHUNK, len(misses) // (workers * 16)))
     done = bytearray(len(misses))
     if workers > 1 and len(misses) >= PROCESS_MIN:
         logger.debug("hashing %d files in %d worker processes", len(misses), workers)
@@ -357,7 +359,7 @@ def _hash_all(misses: _Misses, prefix: bytes, workers: int | None) -> Iterator[t
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                      initializer=_inherit, initargs=(jobs,)) as pool:
-                for chunk in _chunks(misses.sizes, size, done):
+                for chunk in _chunks(misses, size, done):
                     running.add(pool.submit(_hash_jobs, chunk))
                     while len(running) >= 2 * workers:
                         yield from _finished(running, FIRST_COMPLETED, done)
@@ -365,7 +367,7 @@ def _hash_all(misses: _Misses, prefix: bytes, workers: int | None) -> Iterator[t
             return
         except (OSError, BrokenProcessPool) as exc:
             logger.debug("hashing in worker processes failed (%s); hashing the rest here", exc)
-    for chunk in _chunks(misses.sizes, size, done):
+    for chunk in _chunks(misses, size, done):
         yield from _hash_jobs(chunk, jobs)
 
 
@@ -378,12 +380,12 @@ def _finished(running: set, until: str, done: bytearray) -> Iterator[tuple]:
             yield result
 
 
-def _chunks(sizes: array, size: int, done: bytearray) -> Iterator[list[int]]:
+def _chunks(misses: _Misses, size: int, done: bytearray) -> Iterator[list[int]]:
     """The indices of the misses not ``done``, in chunks: files of 1 MiB or more first, largest
     first, then the rest in scan order."""
-    big = sorted((j for j, n in enumerate(sizes) if n >= BIG_FILE and not done[j]),
-                 key=sizes.__getitem__, reverse=True)
-    rest = (j for j, n in enumerate(sizes) if n < BIG_FILE and not done[j])
+    sizes = misses.big
+    big = sorted((j for j in sizes if not done[j]), key=sizes.__getitem__, reverse=True)
+    rest = (j for j in range(len(misses)) if not done[j] and j not in sizes)
     indices = chain(big, rest)
     while chunk := list(islice(indices, size)):
         yield chunk
