@@ -35,6 +35,7 @@ import marshal
 import os
 import struct
 import zlib
+from itertools import islice
 from typing import BinaryIO
 
 from jwbackup import __version__, cachedir
@@ -94,10 +95,9 @@ def _write(f: BinaryIO, name: str, fingerprint: bytes, manifest: Manifest) -> No
                len(manifest.plain), len(manifest)))
     for start in range(0, len(manifest.plain), CHUNK):
         _frame(f, manifest.plain[start:start + CHUNK])
-    paths = list(manifest.records)
-    for start in range(0, len(paths), CHUNK):
-        chunk = paths[start:start + CHUNK]
-        _frame(f, (chunk, list(map(manifest.records.__getitem__, chunk))))
+    items = iter(manifest.records.items())  # no list of every path: at 1M entries it is 5 MB
+    while chunk := list(islice(items, CHUNK)):
+        _frame(f, tuple(map(list, zip(*chunk))))
 
 
 def _frame(f: BinaryIO, value: object) -> None:

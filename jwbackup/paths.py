@@ -76,5 +76,7 @@ class Canonicalizer:
                     if target.startswith(b"//"):
                         target = target[1:]
                     resolved = self.directory(target, _depth + 1)
+        if resolved == path:
+            resolved = path  # one bytes object for key and value: 78k directories at 1M entries
         self._dirs[path] = resolved
         return resolved
