@@ -443,6 +443,23 @@ def test_an_abandoned_build_closes_the_descriptors_of_files_not_handed_to_a_thre
     assert open_descriptors() == before
 
 
+class NoThreads:
+    """A pool under a process limit: no thread can be started."""
+
+    def submit(self, *args):
+        raise RuntimeError("can't start new thread")
+
+
+def test_files_are_copied_in_the_walks_thread_when_no_thread_can_be_started(tmp_path):
+    filled, counted = [], []
+    copies = _Copies(NoThreads(), lambda fills: [(fill.entry, filled.append(fill) or 7) for fill in fills],
+                     lambda entry, outcome: counted.append((entry, outcome)))
+    for n in range(20):
+        copies.add(_Fill(n, -1, -1))
+    copies.finish()
+    assert [fill.entry for fill in filled] == list(range(20)) and counted == [(n, 7) for n in range(20)]
+
+
 def test_choice_uses_the_linker_for_a_capable_local_filesystem_and_remote_after_a_recorded_run(tmp_path):
     from jwbackup.config import Destination
 

@@ -267,7 +267,11 @@ class _Copies:
         self._jobs.clear()
 
     def _hand_out(self) -> None:
-        self._jobs.append(self._pool.submit(self._fill_all, self._batch))
+        try:
+            self._jobs.append(self._pool.submit(self._fill_all, self._batch))
+        except RuntimeError:  # no thread can be started (a process limit): copy here
+            for entry, outcome in self._fill_all(self._batch):
+                self._count(entry, outcome)
         self._batch = []
         while len(self._jobs) > COPY_JOBS:
             self._collect()
