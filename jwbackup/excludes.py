@@ -23,6 +23,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from jwbackup.errors import UsageError
 from jwbackup.managers import DIR, FILE, SYMLINK, Manifest
+from jwbackup.paths import Canonicalizer
 from jwbackup.verify import Verifier, check
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def owned_unmodified(manifest: Manifest, root: bytes = b"/", verifier: Verifier 
     """
     prefix = os.fsencode(root).rstrip(b"/")
     verifier = verifier or check(manifest, prefix or b"/", "conffiles", cache_file=None)
+    canon = Canonicalizer(prefix)
     for path, entry in manifest.items():
         if entry.kind == DIR:
             continue
@@ -52,6 +54,8 @@ def owned_unmodified(manifest: Manifest, root: bytes = b"/", verifier: Verifier 
             continue
         if entry.kind == SYMLINK and not stat.S_ISLNK(mode):
             continue
+        if entry.kind is None and stat.S_ISLNK(mode) and canon.leads_to_directory(path):
+            continue  # perhaps a package directory moved and linked back: see Selector._matches
         if verifier.changed(path):
             continue
         yield path

@@ -22,6 +22,7 @@ from operator import attrgetter
 from typing import Iterable, Iterator
 
 from jwbackup.managers import DIR, FILE, KIND_MASK, KINDS, SYMLINK, Manifest
+from jwbackup.paths import Canonicalizer
 from jwbackup.verify import Verifier, check
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Selector:
     ):
         self.records = manifest.records
         self.prefix = os.fsencode(root).rstrip(b"/")
+        self._canon = Canonicalizer(self.prefix)  # resolves symlinks inside the root
         self.prune = {os.fsencode(p) for p in prune}
         # Without a verification pre-pass from the caller: conffiles only, no cache.
         self.verifier = verifier or check(manifest, self.prefix or b"/", "conffiles", cache_file=None)
@@ -176,7 +178,7 @@ class Selector:
                     record = records.get(path)
                     if record is not None:
                         kind = record[0] & KIND_MASK
-                        if child.is_file(follow_symlinks=False) if kind == _FILE else _kind_matches(kind, child):
+                        if child.is_file(follow_symlinks=False) if kind == _FILE else self._matches(kind, child, path):
                             if path not in modified:
                                 owned += 1
                                 continue
@@ -191,6 +193,19 @@ class Selector:
             stats.entries += entries
             stats.owned += owned
             stats.selected += selected
+
+    def _matches(self, kind: int, entry: os.DirEntry, path: bytes) -> bool:
+        """:func:`_kind_matches`, where a record without a kind (dpkg's) is
+        matched by anything but a symlink that leads to a directory.
+
+        A package directory that the admin moved elsewhere and linked back
+        (``/var/lib/mysql``) is such a symlink, and nothing else tells it
+        from a symlink the package shipped: it is backed up, along with the
+        few symlinks to directories that packages ship (98 on a desktop).
+        """
+        if kind != _NO_KIND:
+            return _kind_matches(kind, entry)
+        return not (entry.is_symlink() and self._canon.leads_to_directory(path))
 
     def _owned_dir(self, path: bytes) -> bool:
         record = self.records.get(path)

@@ -170,3 +170,24 @@ def test_a_third_party_manager_plugin_is_found_through_its_entry_point(jwbackup,
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [os.fsencode(system / p) for p in ("usr", "usr/bin", "usr/bin/mine")]
     assert b"toypm manifest: 2 paths" in result.stderr
+
+
+def test_a_package_directory_moved_away_and_linked_back_is_kept_and_not_excluded(jwbackup, tmp_path):
+    """dpkg's lists say nothing of kinds: an empty package directory replaced by
+    a symlink would pass for a symlink the package shipped."""
+    root = DebianRoot(tmp_path / "system")
+    root.package("db", dirs=[b"/var/lib/db"], symlinks={b"/usr/lib/libdb.so": b"libdb.so.1"},
+                 files={b"/usr/lib/libdb.so.1": b"ELF"})
+    root.package("db-data", dirs=[b"/srv/db"])
+    root.write()
+    os.rmdir(root.path(b"/var/lib/db"))
+    put(root, b"/srv/db/table", b"rows")
+    os.symlink(b"/srv/db", root.path(b"/var/lib/db"))  # absolute: resolved inside the root, not on this host
+    selected = files(jwbackup, root, tmp_path)
+    assert b"/var/lib/db" in selected and b"/srv/db/table" in selected
+    assert b"/usr/lib/libdb.so" not in selected  # a symlink to a file: the package's
+    cfg = tmp_path / "jwbackup.yaml"
+    result = jwbackup("-c", cfg, "--root", root.root, "excludes", "--format", "rsync", "-0")
+    assert result.returncode == 0, result.stderr
+    rules = result.stdout.split(b"\0")
+    assert not [r for r in rules if r.endswith(b"/var/lib/db")] and [r for r in rules if r.endswith(b"/libdb.so")]
