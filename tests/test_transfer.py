@@ -373,22 +373,26 @@ def test_vanished_file_is_a_warning_like_rsync_exit_24(tmp_path):
     assert (tmp_path / "gen/here").read_bytes() == b"1\n"
 
 
-def test_full_destination_fails_with_one_line_and_keeps_earlier_generation(tmp_path):
+@pytest.fixture
+def small(tmp_path):
+    """A 1 MiB filesystem to fill up."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], check=True)
-    try:
-        src = tmp_path / "src"
-        write(src / "small", b"1\n")
-        assert build_linker(src, mnt / "g1", [], selection(src)).returncode == 0
-        before = frozen(mnt / "g1")
-        write(src / "big", os.urandom(2 << 20))
-        result = build_linker(src, mnt / "g2", [mnt / "g1"], selection(src))
-        assert not result.committable
-        assert "No space left on device" in result.errors[0] and result.errors[0].startswith("linker: ")
-        assert frozen(mnt / "g1") == before
-    finally:
-        subprocess.run(["umount", "-l", mnt], check=False)
+    yield mnt
+    subprocess.run(["umount", "-l", mnt], check=False)
+
+
+def test_full_destination_fails_with_one_line_and_keeps_earlier_generation(tmp_path, small):
+    src = tmp_path / "src"
+    write(src / "small", b"1\n")
+    assert build_linker(src, small / "g1", [], selection(src)).returncode == 0
+    before = frozen(small / "g1")
+    write(src / "big", os.urandom(2 << 20))
+    result = build_linker(src, small / "g2", [small / "g1"], selection(src))
+    assert not result.committable
+    assert "No space left on device" in result.errors[0] and result.errors[0].startswith("linker: ")
+    assert frozen(small / "g1") == before
 
 
 def open_descriptors() -> int:
@@ -415,20 +419,14 @@ def test_many_new_files_copied_by_threads_build_what_rsync_builds_and_close_ever
     assert describe(tmp_path / "by-linker") == describe(tmp_path / "by-rsync")
 
 
-def test_a_destination_filling_up_while_threads_copy_stops_the_build_with_one_line(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], check=True)
-    try:
-        src = tmp_path / "src"
-        many_files(src, size=8192)  # 3 MiB into 1 MiB
-        before = open_descriptors()
-        result = build_linker(src, mnt / "g1", [], selection(src))
-        assert not result.committable
-        assert "No space left on device" in result.errors[0] and result.errors[0].startswith("linker: ")
-        assert open_descriptors() == before
-    finally:
-        subprocess.run(["umount", "-l", mnt], check=False)
+def test_a_destination_filling_up_while_threads_copy_stops_the_build_with_one_line(tmp_path, small):
+    src = tmp_path / "src"
+    many_files(src, size=8192)  # 3 MiB into 1 MiB
+    before = open_descriptors()
+    result = build_linker(src, small / "g1", [], selection(src))
+    assert not result.committable
+    assert "No space left on device" in result.errors[0] and result.errors[0].startswith("linker: ")
+    assert open_descriptors() == before
 
 
 def test_an_abandoned_build_closes_the_descriptors_of_files_not_handed_to_a_thread(tmp_path):
