@@ -140,7 +140,9 @@ def run_scenarios(args, meta: dict, system_dir: str, scenarios: list[str], work:
                     for tool in tools:
                         tool.wipe()
                 change = mutate(scenario, system_dir)
-                for tool in tools:
+                # A B, then B A: what one run leaves behind (dirty pages to write
+                # back, a warm or cold cache) does not always fall on the same tool.
+                for tool in tools if round_ % 2 == 0 else tools[::-1]:
                     named = args.tools.split(",") if args.tools else None
                     if not (tool.name in named if named else takes_part(tool, scenario, round_)):
                         continue
