@@ -187,22 +187,14 @@ class _Order:
         self.counts = array("q")
         self._next: int | None = None  # the value that lengthens the last run (hits >= 0 > misses)
 
-    def hit(self, at: int) -> None:
-        if at == self._next:
-            self.counts[-1] += 1
-        else:
-            self.firsts.append(at)
-            self.counts.append(1)
-        self._next = at + _RECORD.size
-
-    def miss(self, j: int) -> None:
-        value = -1 - j
+    def add(self, value: int) -> None:
+        """The next file: ``value`` is an offset in this cache, or ``-1 - j``."""
         if value == self._next:
             self.counts[-1] += 1
         else:
             self.firsts.append(value)
             self.counts.append(1)
-        self._next = value - 1
+        self._next = value + _RECORD.size if value >= 0 else value - 1
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -249,7 +241,7 @@ def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Miss
     ``modified``.
     """
     order = _Order()
-    hit, miss = order.hit, order.miss
+    add = order.add
     misses = _Misses()
     no_digest: list[bytes] = []
     lstat = os.lstat
@@ -285,11 +277,11 @@ def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Miss
         if body.find(key, at, at + _KEY.size) != at:
             found = find(key)
             if found < 0:
-                miss(misses.add(path, record, st.st_size, True))
+                add(-1 - misses.add(path, record, st.st_size, True))
                 at += _RECORD.size  # past the record this file had, if it had one
                 continue
             at = found
-        hit(at)
+        add(at)
         if body[at + _KEY.size:at + _RECORD.size] != record[DIGEST_AT:_CACHED_END]:
             modified.add(path)
         at += _RECORD.size

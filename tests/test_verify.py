@@ -377,12 +377,12 @@ def test_the_order_of_the_next_cache_is_kept_as_runs_and_comes_back_whole():
     order = verify._Order()
     scanned = [100, 100 + size, 100 + 2 * size, -1, -2, 100 + 3 * size, 100 + 5 * size, -3, 40, -5, -6]
     for value in scanned:
-        order.hit(value) if value >= 0 else order.miss(-1 - value)
+        order.add(value)
     assert list(order) == scanned and len(order) == len(scanned)
     assert list(order.counts) == [3, 2, 1, 1, 1, 1, 2]
     unchanged = verify._Order()
     for n in range(10_000):
-        unchanged.hit(7 + n * size)
+        unchanged.add(7 + n * size)
     assert list(unchanged.counts) == [10_000] and list(unchanged)[-1] == 7 + 9_999 * size
 
 

@@ -616,21 +616,23 @@ class Linker:
         try:
             try:
                 wfd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=fill.parent)
-                # until its real time is set last, an interrupted copy must not
-                # pass the next run's quick check against this .partial
-                os.utime(wfd, ns=(0, 0))
             except OSError as exc:
                 raise self._dest_error(entry.parts, exc)
             try:
+                # until its real time is set last, an interrupted copy must not
+                # pass the next run's quick check against this .partial
+                os.utime(wfd, ns=(0, 0))
                 copied = self._content(fill.source, wfd, entry)
                 self._attrs_fd(wfd, entry)
-            except BaseException:
+            except BaseException as exc:
                 os.close(wfd)
                 wfd = -1
                 try:
                     os.unlink(name, dir_fd=fill.parent)
                 except OSError:
                     pass
+                if isinstance(exc, OSError):  # the utime: the rest say whose fault it is
+                    raise self._dest_error(entry.parts, exc) from None
                 raise
             finally:
                 if wfd >= 0:
