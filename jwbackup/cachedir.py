@@ -16,8 +16,10 @@ from typing import BinaryIO, Callable
 logger = logging.getLogger(__name__)
 
 CACHE_DIR = b"/var/lib/jwbackup/cache"
-CACHEDIR_TAG = (
-    b"Signature: 8a477f597d28d172789f06886806bc55\n"
+TAG_NAME = b"CACHEDIR.TAG"  # https://bford.info/cachedir/: its first bytes are the signature
+SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+TAG = (
+    SIGNATURE + b"\n"
     b"# This file is a cache directory tag created by jwbackup.\n"
     b"# For information about cache directory tags, see https://bford.info/cachedir/\n"
 )
@@ -34,10 +36,10 @@ def save(path: bytes, write: Callable[[BinaryIO], None], what: str) -> bool:
     tmp = None
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        tag = os.path.join(directory, b"CACHEDIR.TAG")
+        tag = os.path.join(directory, TAG_NAME)
         if not os.path.exists(tag):
             with open(tag, "wb") as f:
-                f.write(CACHEDIR_TAG)
+                f.write(TAG)
         # A name of its own (mode 0600): two runs on one root never write into one file.
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + b".", suffix=b".new", dir=directory)
         with os.fdopen(fd, "wb", buffering=BUFFER) as f:

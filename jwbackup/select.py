@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Iterable, Iterator
 
+from jwbackup import cachedir
 from jwbackup.managers import DIR, FILE, KIND_MASK, KINDS, SYMLINK, Manifest
 from jwbackup.paths import Canonicalizer
 from jwbackup.verify import Verifier, check
@@ -28,8 +29,8 @@ from jwbackup.verify import Verifier, check
 logger = logging.getLogger(__name__)
 
 NO_BACKUP = b".no-backup"
-CACHEDIR_TAG = b"CACHEDIR.TAG"
-CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+CACHEDIR_TAG = cachedir.TAG_NAME
+CACHEDIR_SIGNATURE = cachedir.SIGNATURE
 _MARKERS = frozenset({NO_BACKUP, CACHEDIR_TAG})
 _NAME = attrgetter("name")
 
