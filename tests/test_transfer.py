@@ -19,7 +19,6 @@ import stat
 import subprocess
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ from jwbackup.select import Selector
 from jwbackup.transfer import LINKER, REMOTE, RSYNC, choose, probe_filesystem
 from jwbackup.repository import Repository
 from jwbackup.transfer import remote
-from jwbackup.transfer.linker import _Copies, _Fill, build, read_attrs
+from jwbackup.transfer.linker import build, read_attrs
 from jwbackup.transport import Local
 
 MTIME = 1_600_000_000_123_456_789
@@ -400,14 +399,14 @@ def open_descriptors() -> int:
 
 
 def many_files(src: Path, dirs: int = 40, files: int = 10, size: int = 100) -> None:
-    """More new files than the copying threads are handed at once (see linker.COPY_JOBS)."""
+    """400 new files in 40 directories, each with its own mode, owner and mtime."""
     for d in range(dirs):
         for f in range(files):
             write(src / f"d{d:02}/f{f}", os.urandom(size), mode=0o600 + f, owner=(d, f), mtime=MTIME + d * 10**9 + f)
     settle(src)
 
 
-def test_many_new_files_copied_by_threads_build_what_rsync_builds_and_close_every_descriptor(tmp_path):
+def test_many_new_files_build_what_rsync_builds_and_close_every_descriptor(tmp_path):
     src = tmp_path / "src"
     many_files(src)
     paths = selection(src)
@@ -419,7 +418,7 @@ def test_many_new_files_copied_by_threads_build_what_rsync_builds_and_close_ever
     assert describe(tmp_path / "by-linker") == describe(tmp_path / "by-rsync")
 
 
-def test_a_destination_filling_up_while_threads_copy_stops_the_build_with_one_line(tmp_path, small):
+def test_a_destination_filling_up_while_files_are_copied_stops_the_build_with_one_line(tmp_path, small):
     src = tmp_path / "src"
     many_files(src, size=8192)  # 3 MiB into 1 MiB
     before = open_descriptors()
@@ -427,35 +426,6 @@ def test_a_destination_filling_up_while_threads_copy_stops_the_build_with_one_li
     assert not result.committable
     assert "No space left on device" in result.errors[0] and result.errors[0].startswith("linker: ")
     assert open_descriptors() == before
-
-
-def test_an_abandoned_build_closes_the_descriptors_of_files_not_handed_to_a_thread(tmp_path):
-    """A failure in the walk's own thread (a directory it cannot make) leaves a batch not yet handed out."""
-    before = open_descriptors()
-    with ThreadPoolExecutor(1) as pool:
-        copies = _Copies(pool, lambda fills: [], lambda entry, outcome: None)
-        for _ in range(3):
-            copies.add(_Fill(None, os.open(tmp_path, os.O_RDONLY), os.open(tmp_path, os.O_RDONLY)))
-        assert open_descriptors() == before + 6
-        copies.abandon()
-    assert open_descriptors() == before
-
-
-class NoThreads:
-    """A pool under a process limit: no thread can be started."""
-
-    def submit(self, *args):
-        raise RuntimeError("can't start new thread")
-
-
-def test_files_are_copied_in_the_walks_thread_when_no_thread_can_be_started(tmp_path):
-    filled, counted = [], []
-    copies = _Copies(NoThreads(), lambda fills: [(fill.entry, filled.append(fill) or 7) for fill in fills],
-                     lambda entry, outcome: counted.append((entry, outcome)))
-    for n in range(20):
-        copies.add(_Fill(n, -1, -1))
-    copies.finish()
-    assert [fill.entry for fill in filled] == list(range(20)) and counted == [(n, 7) for n in range(20)]
 
 
 def test_choice_uses_the_linker_for_a_capable_local_filesystem_and_remote_after_a_recorded_run(tmp_path):

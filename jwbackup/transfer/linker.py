@@ -30,11 +30,6 @@ Every path is reached through directory descriptors opened with
 ``O_NOFOLLOW`` one component at a time, in the source, the destination and the
 earlier generations: a directory replaced by a symlink is never followed.  No
 inode of an earlier generation is ever opened for writing or changed.
-
-New regular files are created and filled by a few threads (``COPY_THREADS``),
-from descriptors opened for them; everything else is done in selection order
-by the thread that walks.  Directory attributes and hard-link groups wait
-until every copy has finished.
 """
 
 from __future__ import annotations
@@ -43,8 +38,6 @@ import errno
 import logging
 import os
 import stat
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
@@ -60,13 +53,6 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOE
 _CHUNK = 1 << 30
 _NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 MAX_ERROR_LINES = 1000
-# New files are created and filled by threads, in batches: creating a file
-# costs the kernel more than the walk costs Python, and a thread waiting in
-# the kernel does not hold the GIL.  Copying 30k files took 17 s with one
-# thread, 10 s with two and 9 s with four on a 2-core machine.
-COPY_THREADS = 4
-COPY_BATCH = 16  # files per job
-COPY_JOBS = 2 * COPY_THREADS  # jobs handed out and not yet collected; each file holds two descriptors
 
 
 class DestinationWriteError(Exception):
@@ -192,15 +178,6 @@ class _Entry:
     target: bytes | None = None  # symlink target
 
 
-class _Fill(NamedTuple):
-    """A new regular file to create in ``parent`` and fill from ``source``
-    (both descriptors belong to it and are closed once it is done)."""
-
-    entry: _Entry
-    source: int
-    parent: int
-
-
 class _Dir(NamedTuple):
     """A directory's attributes, set once its contents are in place (kept for
     every directory of the generation: no stat result, no split path)."""
@@ -233,54 +210,6 @@ class _Run:
             self.errors.append(line)
 
 
-class _Copies:
-    """The files being created by threads (:data:`COPY_THREADS`); their
-    outcomes are counted here, in the order they were handed out."""
-
-    def __init__(self, pool: ThreadPoolExecutor, fill_all, count):
-        self._pool = pool
-        self._fill_all = fill_all  # [_Fill] -> [(entry, bytes copied or the exception)]
-        self._count = count  # (entry, outcome): raises DestinationWriteError
-        self._batch: list[_Fill] = []
-        self._jobs: deque[Future] = deque()
-
-    def add(self, fill: _Fill) -> None:
-        self._batch.append(fill)
-        if len(self._batch) >= COPY_BATCH:
-            self._hand_out()
-
-    def finish(self) -> None:
-        """Wait for every file handed in; raises what the first failing one raised."""
-        if self._batch:
-            self._hand_out()
-        while self._jobs:
-            self._collect()
-
-    def abandon(self) -> None:
-        """After a failure: close what was not handed out, wait for the rest."""
-        for fill in self._batch:
-            os.close(fill.source)
-            os.close(fill.parent)
-        self._batch = []
-        for job in self._jobs:
-            job.exception()  # waits; the job has closed its descriptors
-        self._jobs.clear()
-
-    def _hand_out(self) -> None:
-        try:
-            self._jobs.append(self._pool.submit(self._fill_all, self._batch))
-        except RuntimeError:  # no thread can be started (a process limit): copy here
-            for entry, outcome in self._fill_all(self._batch):
-                self._count(entry, outcome)
-        self._batch = []
-        while len(self._jobs) > COPY_JOBS:
-            self._collect()
-
-    def _collect(self) -> None:
-        for entry, outcome in self._jobs.popleft().result():
-            self._count(entry, outcome)
-
-
 def _show(path: bytes) -> str:
     return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
@@ -292,7 +221,6 @@ class Linker:
         self.source = os.fsencode(source)
         self.target = os.fsencode(target)
         self.link_dests = [os.fsencode(d) for d in link_dests]
-        self._copies: _Copies | None = None  # during the walk: the copying threads
 
     def build(self, paths: Iterable[bytes]) -> Result:
         run = _Run()
@@ -322,17 +250,8 @@ class Linker:
             self._top_done: set[bytes] = set()
             groups: dict[tuple[int, int], list[tuple[tuple, _Entry]]] = {}
             try:
-                with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="jwbackup-copy") as pool:
-                    self._copies = _Copies(pool, self._fill_all, lambda entry, outcome: self._count(run, entry, outcome))
-                    try:
-                        for path in self._guarded(run, paths):
-                            self._one(run, path, groups)
-                        self._copies.finish()
-                    except BaseException:
-                        self._copies.abandon()
-                        raise
-                    finally:
-                        self._copies = None  # hard-link groups copy here: a leader must exist before its links
+                for path in self._guarded(run, paths):
+                    self._one(run, path, groups)
                 if run.walk_error is not None:
                     return Result(PARTIAL, run.stats, run.errors, run.walk_error)
                 self._hard_link_groups(run, groups)
@@ -567,10 +486,7 @@ class Linker:
 
     def _copy(self, run: _Run, entry: _Entry, basis: tuple[int, bytes] | None) -> None:
         """A new regular file: content from ``basis`` (an earlier generation's file
-        that rsync's quick check calls up to date) or from the source.
-
-        The file is opened and its directory made here; a copying thread
-        creates and fills it, unless this runs after the walk."""
+        that rsync's quick check calls up to date) or from the source."""
         rfd = -1
         if basis is not None:
             try:
@@ -589,77 +505,39 @@ class Linker:
         try:
             if not stat.S_ISREG(os.fstat(rfd).st_mode):
                 raise Vanished()  # replaced by something else since the walk
-            fill = _Fill(entry, rfd, os.dup(self._dest_parent(run, entry.parts)))
-        except BaseException:
-            os.close(rfd)
-            raise
-        if self._copies is not None:
-            self._copies.add(fill)
-            return
-        copied = self._fill(fill)
-        self._count(run, entry, copied)
-
-    def _fill_all(self, fills: list[_Fill]) -> list[tuple[_Entry, int | Exception]]:
-        """In a copying thread: each file's bytes copied, or what it raised."""
-        outcomes: list[tuple[_Entry, int | Exception]] = []
-        for fill in fills:
+            dparent = self._dest_parent(run, entry.parts)
+            name = entry.parts[-1]
             try:
-                outcomes.append((fill.entry, self._fill(fill)))
-            except Exception as exc:
-                outcomes.append((fill.entry, exc))
-        return outcomes
-
-    def _fill(self, fill: _Fill) -> int:
-        """Create the file and copy its content and attributes: the bytes copied.
-        Descriptors only (no working directory): this runs in copying threads."""
-        entry, name = fill.entry, fill.entry.parts[-1]
-        try:
-            try:
-                wfd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=fill.parent)
+                wfd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=dparent)
             except OSError as exc:
                 raise self._dest_error(entry.parts, exc)
             try:
                 # until its real time is set last, an interrupted copy must not
                 # pass the next run's quick check against this .partial
-                os.utime(wfd, ns=(0, 0))
-                copied = self._content(fill.source, wfd, entry)
+                try:
+                    os.utime(wfd, ns=(0, 0))
+                except OSError as exc:
+                    raise self._dest_error(entry.parts, exc)
+                copied = self._content(rfd, wfd, entry)
                 self._attrs_fd(wfd, entry)
-            except BaseException as exc:
+            except BaseException:
                 os.close(wfd)
                 wfd = -1
                 try:
-                    os.unlink(name, dir_fd=fill.parent)
+                    os.unlink(name, dir_fd=dparent)
                 except OSError:
                     pass
-                if isinstance(exc, OSError):  # the utime: the rest say whose fault it is
-                    raise self._dest_error(entry.parts, exc) from None
                 raise
             finally:
                 if wfd >= 0:
                     os.close(wfd)
         finally:
-            os.close(fill.source)
-            os.close(fill.parent)
-        return copied
-
-    @staticmethod
-    def _count(run: _Run, entry: _Entry, outcome: int | Exception) -> None:
-        """A file's copy in the run's figures, or its failure: a source that
-        vanished or cannot be read is a warning, the destination is fatal."""
-        if isinstance(outcome, Vanished):
-            run.vanished = True
-            run.warn(f'file has vanished: "{_show(entry.path)}"')
-        elif isinstance(outcome, SourceError):
-            run.partial = True
-            run.warn(str(outcome))
-        elif isinstance(outcome, Exception):
-            raise outcome
-        else:
-            run.stats.files += 1
-            run.stats.regular_files += 1
-            run.stats.total_size += entry.st.st_size
-            run.stats.transferred += 1
-            run.stats.transferred_size += outcome
+            os.close(rfd)
+        run.stats.files += 1
+        run.stats.regular_files += 1
+        run.stats.total_size += entry.st.st_size
+        run.stats.transferred += 1
+        run.stats.transferred_size += copied
 
     def _content(self, rfd: int, wfd: int, entry: _Entry) -> int:
         total = 0
