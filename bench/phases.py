@@ -6,7 +6,9 @@
 Needs a system and a previous generation from ``run.py`` at the same scale
 (``WORK/runs/N/jwbackup``).  Times, separately and in order: the manifest,
 verification (stat cache warm), the selection walk alone (into a list), their
-sum against a bare ``os.scandir`` walk of the same tree, rsync
+sum against a bare ``os.scandir`` walk of the same tree and against the floor
+of any stat cache (that walk plus one ``os.lstat`` per installed file with a
+recorded digest: content edited in place changes nothing else), rsync
 ``--files-from`` that list with ``--link-dest`` (what jwbackup's rsync builder
 does, minus the overlap), and the linker on the same list.  Each new
 generation goes to a scratch directory next to the real ones and is removed.
@@ -30,11 +32,21 @@ import contenders as c  # noqa: E402
 import synth  # noqa: E402
 from jwbackup import config, rsync, transfer  # noqa: E402
 from jwbackup.generate import load_manifest, make_selector  # noqa: E402
+from jwbackup.managers import record_algorithm  # noqa: E402
 
 
 def cpu() -> float:
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def lstat_each(paths: list[bytes]) -> None:
+    lstat = os.lstat
+    for path in paths:
+        try:
+            lstat(path)
+        except OSError:
+            pass
 
 
 def wall_time(fn, *args) -> float:
@@ -73,6 +85,8 @@ def main(argv=None) -> int:
     steps = Steps()
     print(f"unchanged run over {meta['entries']:,} entries, linking against {latest}")
     manifest = steps.time("manifest (dpkg database)", load_manifest, cfg, root)
+    prefix = os.fsencode(root)
+    compared = [prefix + path for path, record in manifest.records.items() if record_algorithm(record)]
     selector = steps.time("verify (stat cache warm) + selector", make_selector, cfg, root, manifest)
     paths = steps.time("walk alone (select into a list)", lambda: list(selector.select(cfg.roots)))
     print(f"  {len(paths):,} paths selected of {meta['entries']:,} entries")
@@ -80,6 +94,10 @@ def main(argv=None) -> int:
     bare = min(wall_time(synth.count_entries, os.fsencode(root)) for _ in range(3))
     print(f"  overhead (manifest + verification + walk) {overhead:.2f} s; a bare os.scandir walk of the root "
           f"(best of 3) {bare:.2f} s: {overhead / bare:.1f} x", flush=True)
+    stats = min(wall_time(lstat_each, compared) for _ in range(3))
+    print(f"  floor: the bare walk plus {len(compared):,} os.lstat calls (best of 3, {stats:.2f} s) = "
+          f"{bare + stats:.2f} s: {(bare + stats) / bare:.1f} x the bare walk; the overhead is "
+          f"{overhead / (bare + stats):.1f} x the floor", flush=True)
 
     scratch = os.path.join(jw.dest, "..", "scratch")
 
