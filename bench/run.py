@@ -68,7 +68,7 @@ def journal_less_ext4(path: str) -> bool:
     """Is ``path`` on ext4 without a journal?
 
     There, a new inode is allocated past every inode freed in the last minute
-    (five, while the inode table is not written back), checking them one at a
+    (six, while its inode table block is not written back), checking them one at a
     time (fs/ext4/ialloc.c, ``recently_deleted``).  Right after a wipe of 200k
     files, creating files costs several times the system time it costs a
     moment later, whichever tool creates them: first-run figures then measure
