@@ -126,8 +126,7 @@ def phases(log: str, wrapper: dict) -> dict:
     """jwbackup's own split of one run, from its DEBUG log and the wrapper's timestamps.
 
     ``startup``: interpreter, imports, configuration; ``manifest`` and
-    ``verify``: as jwbackup reports them (a first run hashes alongside the walk:
-    then ``verify`` overlaps ``walk+transfer``); ``prepare``: the rest before the
+    ``verify``: as jwbackup reports them; ``prepare``: the rest before the
     transfer (package state, lock, destination checks); ``walk+transfer``: the
     selection walk streamed into rsync or the linker (they overlap), up to the
     next command jwbackup runs (the commit); ``commit``: rename, ``latest``,
@@ -147,8 +146,6 @@ def phases(log: str, wrapper: dict) -> dict:
                 reported["manifest"] = float(message.rsplit(" in ", 1)[1].split()[0])
             elif message.startswith("verified ") and " s:" in message and "verify" not in reported:
                 reported["verify"] = float(message.split(" in ", 1)[1].split()[0])
-                if "transfer_start" in marks:  # hashed alongside the walk (a first run): they overlap
-                    marks["verify_alongside"] = True
             elif message.startswith("backing up ") and "transfer_start" not in marks:
                 marks["transfer_start"] = when
                 builder = _BUILDER.search(message)
@@ -170,8 +167,7 @@ def phases(log: str, wrapper: dict) -> dict:
     if "manifest_end" in marks:
         out["startup"] = max(0.0, marks["manifest_end"] - reported["manifest"] - start)
     if "transfer_start" in marks and "manifest_end" in marks:
-        overlapped = reported.get("verify", 0.0) if not marks.get("verify_alongside") else 0.0
-        out["prepare"] = max(0.0, marks["transfer_start"] - marks["manifest_end"] - overlapped)
+        out["prepare"] = max(0.0, marks["transfer_start"] - marks["manifest_end"] - reported.get("verify", 0.0))
     if "transfer_start" in marks and "transfer_end" in marks:
         out["walk+transfer"] = marks["transfer_end"] - marks["transfer_start"]
     finish = marks.get("summary", end)

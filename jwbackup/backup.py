@@ -14,7 +14,6 @@ import os
 import socket
 import sys
 import time
-from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -64,9 +63,8 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
             # peak is lower (by 5 MiB at 1M entries).
             pkgstate.save(root, manager.name)
         manifest = load_manifest(cfg, root, manager)
-        # Files to hash are hashed while the destination is opened and the walk
-        # goes on; closing stops that if the run ends early.
-        with closing(make_selector(cfg, root, manifest)) as selector, transport.connect(dest) as t:
+        selector = make_selector(cfg, root, manifest)
+        with transport.connect(dest) as t:
             repo = Repository(t, dest.directory)
             listing = repo.listing()  # one clear error unless a writable directory
             if not dry_run:

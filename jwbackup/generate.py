@@ -39,10 +39,8 @@ def make_selector(cfg: Config, root: str, manifest: Manifest) -> Selector:
     """A selector over ``root`` that skips the prune list and a local destination.
 
     Installed files under the roots are verified first (``cfg.verify``, behind
-    the stat cache); the selector keeps the modified ones.  Files the cache
-    cannot judge are hashed while the walk goes on (``alongside``).  The
-    manifest's digests are dropped then, but for the files being hashed: the
-    walk reads a digest only as the mark of one.
+    the stat cache); the selector keeps the modified ones.  The manifest's
+    digests are dropped then: the walk does not read them.
     """
     prune = [os.fsencode(p) for p in cfg.prune]
     dest = cfg.destination
@@ -50,8 +48,8 @@ def make_selector(cfg: Config, root: str, manifest: Manifest) -> Selector:
         inside = system_path(os.fsencode(os.path.realpath(root)), os.fsencode(os.path.realpath(dest.directory)))
         if inside is not None:
             prune.append(inside)
-    verifier = verify.check(manifest, root, cfg.verify, roots=cfg.roots, alongside=True)
-    manifest.drop_digests(but=verifier.pending())
+    verifier = verify.check(manifest, root, cfg.verify, roots=cfg.roots)
+    manifest.drop_digests()
     return Selector(manifest, root=root, prune=prune, verifier=verifier)
 
 

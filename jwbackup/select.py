@@ -6,11 +6,6 @@ yielded when it is not owned, or when it must exist to hold something yielded
 below it (then just before its first yielded child), so that a consumer such as
 ``rsync --files-from`` recreates it with its own attributes.
 
-While the verifier is still hashing installed files (a first run: see
-``verify.check(alongside=True)``), the walk puts those files aside and judges
-them once it has ended: the modified ones come last, each after the owned
-directories above it that were not yielded yet.
-
 Paths are bytes and absolute as seen from inside the system (``b"/etc/fstab"``);
 ``root`` is where that system is mounted (``/`` normally).  Symlinks are never
 followed.  The walk is iterative: directory depth is bounded by PATH_MAX, not by
@@ -100,12 +95,6 @@ class Selector:
         # Without a verification pre-pass from the caller: conffiles only, no cache.
         self.verifier = verifier or check(manifest, self.prefix or b"/", "conffiles", cache_file=None)
         self.stats = Stats()
-        self._aside: list[tuple[bytes, list[bytes]]] = []  # (root, files still being verified), in walk order
-        self._shown: set[bytes] = set()  # owned directories yielded, while files are put aside
-
-    def close(self) -> None:
-        """Stop the verifier's hashing, if a selection did not run to its end."""
-        self.verifier.close()
 
     def select(self, roots: Iterable[str | bytes], directories: bool = True) -> Iterator[bytes]:
         """Every path under ``roots`` that the backup must hold; no duplicates.
@@ -114,16 +103,11 @@ class Selector:
         tools that back up everything below a directory they are given.
         """
         seen: set[bytes] = set()
-        try:
-            for top in sorted({os.fsencode(r) for r in roots}):
-                if any(top == s or top.startswith(join(s, b"")) for s in seen):
-                    continue  # nested inside a root already walked
-                seen.add(top)
-                yield from self._walk(top, directories)
-            self.verifier.finish()
-            yield from self._judged(directories)
-        finally:
-            self.close()
+        for top in sorted({os.fsencode(r) for r in roots}):
+            if any(top == s or top.startswith(join(s, b"")) for s in seen):
+                continue  # nested inside a root already walked
+            seen.add(top)
+            yield from self._walk(top, directories)
 
     # The walk keeps two stacks: the directories being listed, and the owned
     # directories entered but not yet yielded (``pending``).  Yielding anything
@@ -134,11 +118,6 @@ class Selector:
         records = self.records
         stats = self.stats
         modified = self.verifier.modified
-        judging = self.verifier.judging  # then a record that kept its digest is of a file being hashed
-        aside: list[bytes] = []
-        if judging:
-            self._aside.append((top, aside))
-        shown = self._shown
         entries = owned = selected = 0
 
         try:
@@ -189,17 +168,12 @@ class Selector:
                         kind = record[0] & KIND_MASK
                         if child.is_file(follow_symlinks=False) if kind == _FILE else self._matches(kind, child, path):
                             if path not in modified:
-                                if judging and record[0] >> 5:
-                                    aside.append(path)
-                                else:
-                                    owned += 1
+                                owned += 1
                                 continue
                             stats.modified += 1
                 if pending:
                     selected += len(pending)
                     yield from pending
-                    if judging:
-                        shown.update(pending)
                     pending.clear()
                 selected += 1
                 yield path
@@ -207,29 +181,6 @@ class Selector:
             stats.entries += entries
             stats.owned += owned
             stats.selected += selected
-
-    def _judged(self, directories: bool) -> Iterator[bytes]:
-        """The files the walk put aside that turned out modified (the verifier has finished)."""
-        modified, stats, shown = self.verifier.modified, self.stats, self._shown
-        for top, aside in self._aside:
-            for path in aside:
-                if path not in modified:
-                    stats.owned += 1
-                    continue
-                stats.modified += 1
-                if directories:
-                    parents = [top]
-                    for name in path[len(join(top, b"")):].split(b"/")[:-1]:
-                        parents.append(join(parents[-1], name))
-                    for parent in parents:
-                        if parent not in shown and self._owned_dir(parent):
-                            shown.add(parent)
-                            stats.selected += 1
-                            yield parent
-                stats.selected += 1
-                yield path
-        self._aside.clear()
-        shown.clear()
 
     def _matches(self, kind: int, entry: os.DirEntry, path: bytes) -> bool:
         """Is ``entry`` (not a directory) of the kind (code) its manifest record says?

@@ -49,7 +49,6 @@ import os
 import stat
 import struct
 import tempfile
-import threading
 import time
 import zlib
 from array import array
@@ -100,46 +99,15 @@ class Stats:
 
 
 class Verifier:
-    """The outcome of a verification pre-pass: which installed paths were modified.
-
-    A verifier made with ``alongside`` may still be *judging*: files are being
-    hashed while the caller goes on, ``modified`` grows, and :meth:`pending`
-    lists the files not judged yet.  :meth:`finish` waits for the hashing;
-    :meth:`close` stops it.
-    """
+    """The outcome of a verification pre-pass: which installed paths were modified."""
 
     def __init__(self, modified: AbstractSet[bytes] = frozenset(), stats: Stats | None = None):
         self.modified = modified
         self.stats = stats or Stats()
-        self._hashing: _Hashing | None = None
 
     def changed(self, path: bytes) -> bool:
-        """Was the installed file at system path ``path`` modified?  (Judged so far.)"""
+        """Was the installed file at system path ``path`` modified?"""
         return path in self.modified
-
-    @property
-    def judging(self) -> bool:
-        """Are files still being hashed?  Until :meth:`finish`, a path not in ``modified`` may be."""
-        return self._hashing is not None
-
-    def pending(self) -> Iterable[tuple[bytes, bytes]]:
-        """``(path, manifest record)`` of every file being hashed (none unless judging)."""
-        if self._hashing is None:
-            return ()
-        misses = self._hashing.verification.misses
-        return zip(misses.paths, misses.records)
-
-    def finish(self) -> None:
-        """Wait for the hashing to end: ``modified`` is then complete and the cache saved."""
-        hashing, self._hashing = self._hashing, None
-        if hashing is not None:
-            hashing.finish()
-
-    def close(self) -> None:
-        """Stop hashing still underway; nothing more is judged or saved.  Harmless when done."""
-        hashing, self._hashing = self._hashing, None
-        if hashing is not None:
-            hashing.stop()
 
 
 def check(
@@ -149,32 +117,40 @@ def check(
     cache_file: bytes | None = CACHE_FILE,
     roots: Iterable[str | bytes] = (b"/",),
     workers: int | None = None,
-    alongside: bool = False,
 ) -> Verifier:
     """Verify the installed files under ``roots`` (system paths) of the system at ``root``.
 
     ``cache_file`` is a system path (None: no cache).  Logs one INFO line with
     what was checked, taken from the cache, hashed, and found modified.
-
-    With ``alongside``, files to be hashed in worker processes (a first run,
-    an upgrade) are hashed while the caller goes on: the returned verifier is
-    judging (see :class:`Verifier`).  A backup walks and copies meanwhile, on
-    a core that hashing leaves idle, and judges those files last.
     """
     if mode not in MODES:
         raise ValueError(f"verify mode must be one of {', '.join(MODES)}, not {mode!r}")
-    verification = _Verification(manifest, root, mode, cache_file, roots, workers)
-    verifier = Verifier(verification.modified, verification.stats)
-    pool = _start_pool(verification.misses, verification.prefix, verification.workers) if alongside else None
-    if pool is not None:
-        logger.debug("%d installed files from the cache; hashing %d files while the backup goes on",
-                     verification.stats.cache_hits, len(verification.misses))
-        verifier._hashing = _Hashing(verification, pool)
-        return verifier
-    verification.judge()
-    verification.conclude()
-    verifier.modified = frozenset(verification.modified)
-    return verifier
+    started = time.monotonic()
+    prefix = os.fsencode(root).rstrip(b"/")
+    stats = Stats()
+    modified: set[bytes] = set()
+    records, everything = _under(manifest, roots)
+    cache_path = prefix + cache_file if cache_file and mode != "none" else None
+    cache = _load_cache(cache_path) if cache_path else _Cache()
+    order, misses, no_digest = _scan(records, mode, prefix, cache, modified)
+    stats.cache_hits = len(order) - misses.cacheable  # the rest of the order is hashed
+    stats.checked = stats.cache_hits + len(misses)
+    _judge(misses, prefix, stats, modified, workers, cache_path)
+    stats.no_digest = _files_among(no_digest, prefix)
+    complete = everything and mode == "all"  # every record of a file still there was met
+    if cache_path and (any(misses.slots.filled) or cache.jumps or (complete and stats.cache_hits < cache.count)):
+        _save_cache(cache_path, cache.records(order, misses, keep_unmet=not complete))
+    stats.modified = len(modified)
+    stats.seconds = time.monotonic() - started
+    logger.info(
+        "verified %d installed files in %.2f s: %d from the cache, %d hashed (%s), %d modified",
+        stats.checked, stats.seconds, stats.cache_hits, stats.hashed, _size(stats.bytes_hashed), stats.modified,
+    )
+    if stats.no_digest:
+        logger.info("%d installed files have no recorded digest and count as unmodified", stats.no_digest)
+    if stats.unreadable:
+        logger.warning("%d installed files cannot be read to verify them; they are backed up", stats.unreadable)
+    return Verifier(frozenset(modified), stats)
 
 
 def modified_paths(manifest: Manifest, root: str | bytes = b"/", mode: str = DEFAULT_MODE,
@@ -191,76 +167,6 @@ def _under(manifest: Manifest, roots: Iterable[str | bytes]) -> tuple[Iterable[t
         return records.items(), True
     starts = tuple(t + b"/" for t in tops)
     return [(p, r) for p, r in records.items() if p in tops or p.startswith(starts)], False
-
-
-class _Verification:
-    """One verification pass: the lstat scan (on creation), the hashing of
-    what the cache cannot judge (:meth:`judge`), the cache and the log line
-    (:meth:`conclude`)."""
-
-    def __init__(self, manifest: Manifest, root, mode: str, cache_file: bytes | None, roots, workers: int | None):
-        self.started = time.monotonic()
-        self.prefix = os.fsencode(root).rstrip(b"/")
-        self.mode = mode
-        self.workers = workers or min(MAX_WORKERS, os.cpu_count() or 1)
-        self.stats = Stats()
-        self.modified: set[bytes] = set()
-        records, everything = _under(manifest, roots)
-        self.cache_path = self.prefix + cache_file if cache_file and mode != "none" else None
-        self.cache = _load_cache(self.cache_path) if self.cache_path else _Cache()
-        self.order, self.misses, self.no_digest = _scan(records, mode, self.prefix, self.cache, self.modified)
-        self.stats.cache_hits = len(self.order) - self.misses.cacheable  # the rest of the order is hashed
-        self.stats.checked = self.stats.cache_hits + len(self.misses)
-        self.complete = everything and mode == "all"  # every record of a file still there was met
-
-    def judge(self, pool: ProcessPoolExecutor | None = None, stop: threading.Event | None = None) -> None:
-        _judge(self.misses, self.prefix, self.stats, self.modified, self.workers, self.cache_path, pool, stop)
-
-    def conclude(self) -> None:
-        stats, cache, misses = self.stats, self.cache, self.misses
-        stats.no_digest = _files_among(self.no_digest, self.prefix)
-        if self.cache_path and (any(misses.slots.filled) or cache.jumps
-                                or (self.complete and stats.cache_hits < cache.count)):
-            _save_cache(self.cache_path, cache.records(self.order, misses, keep_unmet=not self.complete))
-        stats.modified = len(self.modified)
-        stats.seconds = time.monotonic() - self.started
-        logger.info(
-            "verified %d installed files in %.2f s: %d from the cache, %d hashed (%s), %d modified",
-            stats.checked, stats.seconds, stats.cache_hits, stats.hashed, _size(stats.bytes_hashed), stats.modified,
-        )
-        if stats.no_digest:
-            logger.info("%d installed files have no recorded digest and count as unmodified", stats.no_digest)
-        if stats.unreadable:
-            logger.warning("%d installed files cannot be read to verify them; they are backed up", stats.unreadable)
-
-
-class _Hashing:
-    """A verification's hashing, going on while the caller does something
-    else: a thread of this process hands the worker processes their chunks
-    and takes in the results."""
-
-    def __init__(self, verification: _Verification, pool: ProcessPoolExecutor):
-        self.verification = verification
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(pool,), name="jwbackup-verify", daemon=True)
-        self._thread.start()
-
-    def _run(self, pool: ProcessPoolExecutor) -> None:
-        try:
-            self.verification.judge(pool, self._stop)
-        except BaseException as exc:  # raised again in the caller's thread, by finish()
-            self._error = exc
-
-    def finish(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        self.verification.conclude()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # -- comparing -------------------------------------------------------------------
@@ -385,13 +291,12 @@ def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Miss
     return order, misses, no_digest
 
 
-def _judge(misses: _Misses, prefix: bytes, stats, modified, workers: int, cache_path: bytes | None,
-           pool: ProcessPoolExecutor | None = None, stop: threading.Event | None = None) -> None:
+def _judge(misses: _Misses, prefix: bytes, stats, modified, workers, cache_path: bytes | None) -> None:
     """Hash the misses and compare with the recorded digests; fills their cache slots."""
     if not misses:
         return
     misses.slots = _Slots(cache_path if misses.cacheable else None, len(misses))
-    for j, actual, key, read in _hash_all(misses, prefix, workers, pool, stop):
+    for j, actual, key, read in _hash_all(misses, prefix, workers):
         if actual == VANISHED:  # compared by value: it may come from a worker process
             continue
         path, record = misses.paths[j], misses.records[j]
@@ -427,49 +332,26 @@ def _inherit(jobs: tuple) -> None:
     _inherited = jobs
 
 
-def _start_pool(misses: _Misses, prefix: bytes, workers: int) -> ProcessPoolExecutor | None:
-    """Worker processes to hash ``misses`` in, already forked; None when too few
-    files make them not worth starting, or when they cannot be started.
+def _hash_all(misses: _Misses, prefix: bytes, workers: int | None) -> Iterator[tuple]:
+    """``(j, digest, cache key, bytes read)`` for every miss, in no particular order.
 
     Most package files are small, so the work per file is Python's, and
-    threads would take turns on the GIL.  The workers inherit the list of
-    files; they are forked here, from the calling thread, before any thread
-    of the pool's own (or :class:`_Hashing`'s) runs.
-    """
-    if workers < 2 or len(misses) < PROCESS_MIN:
-        return None
-    try:
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_inherit, initargs=((prefix, misses.paths, misses.records),))
-        pool.submit(int).result()  # a fork pool starts all its workers with the first job
-    except (OSError, BrokenProcessPool) as exc:
-        logger.debug("cannot start worker processes to hash in (%s); hashing here", exc)
-        return None
-    logger.debug("hashing %d files in %d worker processes", len(misses), workers)
-    return pool
-
-
-def _hash_all(misses: _Misses, prefix: bytes, workers: int, pool: ProcessPoolExecutor | None = None,
-              stop: threading.Event | None = None) -> Iterator[tuple]:
-    """``(j, digest, cache key, bytes read)`` for every miss, in no particular order;
-    ``stop`` ends it early.
-
-    Many files are hashed in worker processes (:func:`_start_pool`), which
-    are sent chunks of indices, a few at a time, and send back one result
-    per file.  The largest files go first, so the workers end together.
+    threads would take turns on the GIL.  Many files are therefore hashed in
+    forked worker processes: they inherit the list of files, are sent chunks
+    of indices, a few at a time, and send back one result per file.  The
+    largest files go first, so the workers end together.
     """
     jobs = (prefix, misses.paths, misses.records)
+    workers = workers or min(MAX_WORKERS, os.cpu_count() or 1)
     size = max(64, min(MAX_CHUNK, len(misses) // (workers * 16)))
     done = bytearray(len(misses))
-    pool = pool or _start_pool(misses, prefix, workers)
-    if pool is not None:
+    if workers > 1 and len(misses) >= PROCESS_MIN:
+        logger.debug("hashing %d files in %d worker processes", len(misses), workers)
         running: set = set()
         try:
-            with pool:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                     initializer=_inherit, initargs=(jobs,)) as pool:
                 for chunk in _chunks(misses, size, done):
-                    if stop is not None and stop.is_set():
-                        pool.shutdown(cancel_futures=True)
-                        return
                     running.add(pool.submit(_hash_jobs, chunk))
                     while len(running) >= 2 * workers:
                         yield from _finished(running, FIRST_COMPLETED, done)
@@ -478,8 +360,6 @@ def _hash_all(misses: _Misses, prefix: bytes, workers: int, pool: ProcessPoolExe
         except (OSError, BrokenProcessPool) as exc:
             logger.debug("hashing in worker processes failed (%s); hashing the rest here", exc)
     for chunk in _chunks(misses, size, done):
-        if stop is not None and stop.is_set():
-            return
         yield from _hash_jobs(chunk, jobs)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from backupenv import System
-from jwbackup import rsync, verify
+from jwbackup import rsync
 from jwbackup.managers import Manifest
 from jwbackup.select import Selector
 from jwbackup.transfer import LINKER, REMOTE, RSYNC, choose, probe_filesystem
@@ -507,41 +507,6 @@ def test_jwbackup_with_transfer_auto_and_rsync_writes_identical_generations(jwba
     inside, shared = structure(gens["auto"])
     assert (inside, {k: without_own_state(dict(v)) for k, v in shared.items()}) == (
         lambda s: (s[0], {k: without_own_state(dict(v)) for k, v in s[1].items()}))(structure(gens["rsync"]))
-
-
-def test_a_first_run_hashing_alongside_the_walk_writes_what_rsync_writes(jwbackup, tmp_path):
-    """More installed files than are hashed in one process: they are hashed while the
-    walk and the copy go on, and the modified ones are copied last."""
-    systems = {}
-    for way in ("rsync", "auto"):
-        (tmp_path / way).mkdir()
-        systems[way] = System(tmp_path / way)
-        systems[way].configure(extra=f"transfer: {way}\n")
-    source = systems["rsync"]
-    count = verify.PROCESS_MIN + 50
-    source.root.package("many", files={b"/usr/share/many/d%02d/sub/f%05d" % (i % 40, i): b"%d\n" % i
-                                       for i in range(count)})
-    source.root.write()
-    modified = [b"/usr/share/many/d07/sub/f00007", b"/usr/share/many/d%02d/sub/f%05d" % ((count - 1) % 40, count - 1)]
-    for path in modified:
-        source.write(path, b"the admin's\n")
-    os.utime(source.path(b"/usr/share/many/d07/sub"), ns=(MTIME, MTIME))
-    logs = {}
-    for way, system in systems.items():
-        log = tmp_path / f"{way}.log"
-        result = jwbackup("-c", system.config, "--root", source.root_dir, "-L", "debug", log_file=log)
-        assert result.returncode == 0, result.stderr.decode()
-        logs[way] = log.read_text()
-        hashing = re.search(r"hashing (\d+) files while the backup goes on", logs[way])
-        assert hashing and int(hashing.group(1)) > count  # the package's files and the tool's
-    assert "with linker (local destination)" in logs["auto"]
-    gens = {way: system.dest / system.generations()[0] for way, system in systems.items()}
-    for path in modified:
-        with open(os.fsencode(gens["auto"]) + path, "rb") as f:
-            assert f.read() == b"the admin's\n"
-    assert not os.path.exists(os.fsencode(gens["auto"]) + b"/usr/share/many/d07/sub/f00047")
-    assert os.lstat(os.fsencode(gens["auto"]) + b"/usr/share/many/d07/sub").st_mtime_ns == MTIME
-    assert without_own_state(describe(gens["auto"])) == without_own_state(describe(gens["rsync"]))
 
 
 def without_own_state(tree: dict) -> dict:

@@ -23,7 +23,6 @@ from gentooroot import GentooRoot
 from jwbackup import verify
 from jwbackup.managers.dpkg import load_manifest
 from jwbackup.managers.portage import Portage
-from jwbackup.select import Selector
 
 CACHE = b"/var/lib/jwbackup/cache/verify"
 STATS = re.compile(rb"verified (\d+) installed files in [\d.]+ s: (\d+) from the cache, (\d+) hashed \(([^)]*)\), (\d+) modified")
@@ -458,74 +457,3 @@ def test_a_killed_worker_process_leaves_the_rest_to_be_hashed_here_with_the_same
     assert pooled.modified == here.modified == {b"/usr/share/many/f%05d" % i for i in (3, 1500, count - 1)}
     assert pooled.stats.hashed == here.stats.hashed == count
     assert pooled.stats.bytes_hashed == here.stats.bytes_hashed
-
-
-# --- hashing alongside the walk (a first run) -------------------------------------
-
-
-def _many(tmp_path, size: int = 0) -> tuple[DebianRoot, int]:
-    """A package of more files than are hashed in this process, in owned directories two deep."""
-    root = DebianRoot(tmp_path / "system")
-    count = verify.PROCESS_MIN + 50
-    filler = os.urandom(size)
-    root.package("many", files={b"/usr/share/many/d%02d/sub/f%05d" % (i % 40, i): b"%d" % i + filler
-                                for i in range(count)})
-    root.write()
-    return root, count
-
-
-def _selection(root: DebianRoot, alongside: bool) -> tuple[list[bytes], Selector]:
-    manifest = load_manifest(root.root)
-    verifier = verify.check(manifest, root.root, cache_file=None, workers=2, alongside=alongside)
-    assert verifier.judging == alongside
-    manifest.drop_digests(but=verifier.pending())
-    selector = Selector(manifest, root.root, verifier=verifier)
-    return list(selector.select(["/"])), selector
-
-
-def test_files_hashed_alongside_the_walk_come_last_after_their_owned_directories(tmp_path, caplog):
-    root, count = _many(tmp_path)
-    modified = [b"/usr/share/many/d07/sub/f00007", b"/usr/share/many/d05/sub/f00045",
-                b"/usr/share/many/d%02d/sub/f%05d" % ((count - 1) % 40, count - 1)]
-    for path in modified:
-        with open(root.path(path), "ab") as f:
-            f.write(b"changed\n")
-    mine = [b"/usr/share/many/d05/mine", b"/srv/data"]  # d05 is yielded by the walk itself, d05/sub is not
-    for path in mine:
-        os.makedirs(os.path.dirname(root.path(path)), exist_ok=True)
-        with open(root.path(path), "wb") as f:
-            f.write(b"mine")
-
-    expected, before = _selection(root, alongside=False)
-    caplog.set_level("DEBUG", logger="jwbackup.verify")
-    got, selector = _selection(root, alongside=True)
-
-    assert f"hashing {count} files while the backup goes on" in caplog.text
-    assert not selector.verifier.judging and selector.verifier.stats.hashed == count
-    assert sorted(got) == sorted(expected) and len(set(got)) == len(got)
-    assert set(modified) <= set(got) and set(mine) <= set(got)
-    place = {path: n for n, path in enumerate(got)}
-    for path in got:  # every directory before what it holds
-        parent = os.path.dirname(path)
-        assert parent == b"/" or place[parent] < place[path], path
-    # the modified files were judged after the walk: after everything the walk chose itself
-    assert min(place[p] for p in modified) > max(place[p] for p in mine)
-    assert place[b"/usr/share/many/d05"] < place[b"/usr/share/many/d05/mine"]
-    for stats in (selector.stats, before.stats):
-        assert (stats.owned, stats.modified, stats.selected) == (count - 3, 3, len(got))
-
-
-def test_closing_a_selection_early_stops_the_hashing_its_workers_and_saves_nothing(tmp_path):
-    root, count = _many(tmp_path, size=64 << 10)  # the workers are still busy when it is closed
-    manifest = load_manifest(root.root)
-    before = _children()
-    verifier = verify.check(manifest, root.root, workers=2, alongside=True)
-    manifest.drop_digests(but=verifier.pending())
-    selection = Selector(manifest, root.root, verifier=verifier).select(["/"])
-    assert next(selection) == b"/"
-    selection.close()
-    assert not verifier.judging
-    assert verifier.stats.hashed < count
-    assert _children() == before  # the worker processes have ended
-    assert not os.path.exists(root.path(verify.CACHE_FILE))
-    verifier.finish()  # nothing left to wait for

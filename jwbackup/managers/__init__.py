@@ -149,13 +149,12 @@ class Manifest(MutableMapping):
         record = self.head(flags, entry.package) + tail
         return record if tail else self._shared.setdefault(record, record)
 
-    def drop_digests(self, but: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    def drop_digests(self) -> None:
         """Forget the digests and mtimes; kinds, packages and conffile marks stay.
 
         For the walk, once verification is over: it reads kinds only, and at
         1M paths the digests take 30 MB.  Afterwards the entries say
-        ``digest=None``, except those of ``but`` (``(path, record)``: the
-        files still being verified), whose records are put back.
+        ``digest=None``.
         """
         records, shared = self.records, self._shared
         heads: dict[bytes, bytes] = {}  # record head -> the shared record without a digest
@@ -167,7 +166,6 @@ class Manifest(MutableMapping):
                     bare = bytes((head[0] & (KIND_MASK | CONFFILE),)) + head[1:]
                     bare = heads[head] = shared.setdefault(bare, bare)
                 records[path] = bare
-        records.update(but)
 
     def entry(self, record: bytes) -> Entry:
         """The :class:`Entry` a record stands for."""
