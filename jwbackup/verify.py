@@ -56,7 +56,7 @@ from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ProcessPoolExecut
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import chain, islice
-from typing import AbstractSet, Iterable, Iterator
+from typing import AbstractSet, Iterable, Iterator, NamedTuple
 
 from jwbackup import cachedir
 from jwbackup.managers import (
@@ -133,12 +133,13 @@ def check(
     cache_path = prefix + cache_file if cache_file and mode != "none" else None
     cache = _load_cache(cache_path) if cache_path else _Cache()
     order, misses, no_digest = _scan(records, mode, prefix, cache, modified)
+    misses.slots = _Slots(cache_path if misses.cacheable else None, len(misses))
     stats.cache_hits = len(order) - misses.cacheable  # the rest of the order is hashed
     stats.checked = stats.cache_hits + len(misses)
-    _judge(misses, prefix, stats, modified, workers, cache_path)
+    _judge(misses, prefix, stats, modified, workers)
     stats.no_digest = _files_among(no_digest, prefix)
     complete = everything and mode == "all"  # every record of a file still there was met
-    if cache_path and (any(misses.slots.filled) or cache.jumps or (complete and stats.cache_hits < cache.count)):
+    if cache_path and (misses.slots.cached or cache.jumps or (complete and stats.cache_hits < cache.count)):
         _save_cache(cache_path, cache.records(order, misses, keep_unmet=not complete))
     stats.modified = len(modified)
     stats.seconds = time.monotonic() - started
@@ -211,7 +212,8 @@ class _Misses:
 
     Miss ``j`` is ``paths[j]`` with manifest record ``records[j]``; ``big``
     holds the sizes of those of BIG_FILE or more.  Once hashed, its cache
-    record (stat key and digest) is in ``slots`` (:class:`_Slots`).
+    record (stat key and digest) is in ``slots`` (:class:`_Slots`), written
+    by whichever process hashed it.
     """
 
     def __init__(self):
@@ -291,25 +293,20 @@ def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Miss
     return order, misses, no_digest
 
 
-def _judge(misses: _Misses, prefix: bytes, stats, modified, workers, cache_path: bytes | None) -> None:
+def _judge(misses: _Misses, prefix: bytes, stats, modified, workers) -> None:
     """Hash the misses and compare with the recorded digests; fills their cache slots."""
     if not misses:
         return
-    misses.slots = _Slots(cache_path if misses.cacheable else None, len(misses))
-    for j, actual, key, read in _hash_all(misses, prefix, workers):
-        if actual == VANISHED:  # compared by value: it may come from a worker process
-            continue
-        path, record = misses.paths[j], misses.records[j]
-        if actual is None:
-            stats.unreadable += 1
-            modified.add(path)
-            continue
-        stats.hashed += 1
-        stats.bytes_hashed += read
-        if key is not None and record[0] >> 5 == _CACHED_CODE:
-            misses.slots.put(j, key + actual)
-        if actual != record_digest(record):
-            modified.add(path)
+    paths = misses.paths
+    for judged in _hash_all(misses, prefix, workers):
+        modified.update(paths[j] for j in judged.modified)
+        modified.update(paths[j] for j in judged.unreadable)
+        stats.unreadable += len(judged.unreadable)
+        stats.hashed += judged.hashed
+        stats.bytes_hashed += judged.bytes_read
+        misses.slots.cached += judged.cached
+        if judged.write_error:
+            misses.slots.fail(judged.write_error)
 
 
 def _files_among(paths: list[bytes], prefix: bytes) -> int:
@@ -332,27 +329,29 @@ def _inherit(jobs: tuple) -> None:
     _inherited = jobs
 
 
-def _hash_all(misses: _Misses, prefix: bytes, workers: int | None) -> Iterator[tuple]:
-    """``(j, digest, cache key, bytes read)`` for every miss, in no particular order.
+def _hash_all(misses: _Misses, prefix: bytes, workers: int | None) -> Iterator[_Judged]:
+    """A :class:`_Judged` for every chunk of misses, in no particular order.
 
     Most package files are small, so the work per file is Python's, and
     threads would take turns on the GIL.  Many files are therefore hashed in
-    forked worker processes: they inherit the list of files, are sent chunks
-    of indices, a few at a time, and send back one result per file.  The
-    largest files go first, so the workers end together.
+    forked worker processes: they inherit the list of files and the file of
+    cache slots, are sent chunks of indices, a few at a time, judge each
+    file, write its cache record themselves and send back only what is not
+    the rule (modified, unreadable).  The largest files go first, so the
+    workers end together.
     """
-    jobs = (prefix, misses.paths, misses.records)
+    jobs = (prefix, misses.paths, misses.records, misses.slots.fd)
     workers = workers or min(MAX_WORKERS, os.cpu_count() or 1)
     size = max(64, min(MAX_CHUNK, len(misses) // (workers * 16)))
     done = bytearray(len(misses))
     if workers > 1 and len(misses) >= PROCESS_MIN:
         logger.debug("hashing %d files in %d worker processes", len(misses), workers)
-        running: set = set()
+        running: dict = {}  # future -> its chunk
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                      initializer=_inherit, initargs=(jobs,)) as pool:
                 for chunk in _chunks(misses, size, done):
-                    running.add(pool.submit(_hash_jobs, chunk))
+                    running[pool.submit(_hash_jobs, chunk)] = chunk
                     while len(running) >= 2 * workers:
                         yield from _finished(running, FIRST_COMPLETED, done)
                 yield from _finished(running, ALL_COMPLETED, done)
@@ -360,16 +359,17 @@ def _hash_all(misses: _Misses, prefix: bytes, workers: int | None) -> Iterator[t
         except (OSError, BrokenProcessPool) as exc:
             logger.debug("hashing in worker processes failed (%s); hashing the rest here", exc)
     for chunk in _chunks(misses, size, done):
-        yield from _hash_jobs(chunk, jobs)
+        yield _hash_jobs(chunk, jobs)
 
 
-def _finished(running: set, until: str, done: bytearray) -> Iterator[tuple]:
+def _finished(running: dict, until: str, done: bytearray) -> Iterator[_Judged]:
     finished, _ = wait(running, return_when=until)
     for future in finished:
-        running.discard(future)
-        for result in future.result():
-            done[result[0]] = 1
-            yield result
+        chunk = running.pop(future)
+        judged = future.result()
+        for j in chunk:
+            done[j] = 1
+        yield judged
 
 
 def _chunks(misses: _Misses, size: int, done: bytearray) -> Iterator[list[int]]:
@@ -383,10 +383,43 @@ def _chunks(misses: _Misses, size: int, done: bytearray) -> Iterator[list[int]]:
         yield chunk
 
 
-def _hash_jobs(indices: list[int], jobs: tuple = ()) -> list[tuple]:
-    prefix, paths, records = jobs or _inherited
+class _Judged(NamedTuple):
+    """What hashing a chunk of misses found, beyond the rule (unmodified, cached)."""
+
+    modified: list[int]  # indices of the misses whose content differs from the record
+    unreadable: list[int]
+    hashed: int
+    bytes_read: int
+    cached: int  # cache records written
+    write_error: str | None  # why a cache record could not be written
+
+
+def _hash_jobs(indices: list[int], jobs: tuple = ()) -> _Judged:
+    prefix, paths, records, slots = jobs or _inherited
     buf = bytearray(CHUNK)
-    return [(j, *_hash_file(prefix + paths[j], record_algorithm(records[j]), buf)) for j in indices]
+    modified: list[int] = []
+    unreadable: list[int] = []
+    hashed = read = cached = 0
+    error = None
+    for j in indices:
+        record = records[j]
+        actual, key, size = _hash_file(prefix + paths[j], record_algorithm(record), buf)
+        if actual == VANISHED:
+            continue
+        if actual is None:
+            unreadable.append(j)
+            continue
+        hashed += 1
+        read += size
+        if actual != record_digest(record):
+            modified.append(j)
+        if key is not None and slots >= 0 and error is None and record[0] >> 5 == _CACHED_CODE:
+            try:
+                os.pwrite(slots, key + actual, j * _RECORD.size)
+                cached += 1
+            except OSError as exc:  # a full disk costs the cache, never the backup
+                error = exc.strerror
+    return _Judged(modified, unreadable, hashed, read, cached, error)
 
 
 def _hash_file(real: bytes, algorithm: str, buf: bytearray) -> tuple[bytes | str | None, bytes | None, int]:
@@ -446,11 +479,14 @@ RELEASE_EVERY = RELEASE_BYTES // _RECORD.size  # records
 class _Slots:
     """The new cache records of the misses, by miss index, in an unlinked file
     beside the cache: a first run at 1M entries makes 31 MB of them, which
-    stay in the page cache rather than in this process.  Without a place to
-    write (no cache, or an unwritable directory) nothing is kept."""
+    stay in the page cache rather than in this process.  The process that
+    hashes a file writes its record; a slot never written stays zero, which
+    no record is (no file has inode 0).  Without a place to write (no cache,
+    or an unwritable directory) nothing is kept."""
 
     def __init__(self, cache_path: bytes | None, count: int):
-        self.filled = bytearray(count)
+        self.count = count
+        self.cached = 0  # records written
         self._file = None
         if cache_path is not None and count:
             try:
@@ -462,24 +498,24 @@ class _Slots:
                                os.fsdecode(cache_path), exc.strerror)
                 self._file = None
 
-    def put(self, j: int, record: bytes) -> None:
-        if self._file is None:
-            return
-        try:
-            os.pwrite(self._file.fileno(), record, j * _RECORD.size)
-        except OSError as exc:  # a full disk costs the cache, never the backup
-            logger.warning("cannot keep new verification cache records (%s); the next run hashes again",
-                           exc.strerror)
+    @property
+    def fd(self) -> int:
+        """The file to write records into (``pwrite`` at ``j * size``), or -1."""
+        return self._file.fileno() if self._file is not None else -1
+
+    def fail(self, why: str) -> None:
+        """A record could not be written: keep none."""
+        if self._file is not None:
+            logger.warning("cannot keep new verification cache records (%s); the next run hashes again", why)
+            self._file.close()
             self._file = None
-            self.filled = bytearray(len(self.filled))
-            return
-        self.filled[j] = 1
+        self.cached = 0
 
     def mapped(self) -> _Cache:
         """The slots as a cache body (offset ``j * size``), for writing them out."""
-        if self._file is None:
+        if self._file is None or not self.cached:
             return _Cache()
-        return _Cache(mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ), 0, len(self.filled) * _RECORD.size)
+        return _Cache(mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ), 0, self.count * _RECORD.size)
 
 
 class _Cache:
@@ -543,14 +579,15 @@ class _Cache:
     def records(self, order: _Order, misses: _Misses, keep_unmet: bool) -> Iterator[memoryview]:
         """The records for the next run, in scan order; ``keep_unmet`` keeps the ones not met."""
         new = misses.slots.mapped()
-        body, slots, filled, size = memoryview(self.body), memoryview(new.body), misses.slots.filled, _RECORD.size
+        body, slots, size = memoryview(self.body), memoryview(new.body), _RECORD.size
+        written = _written(slots)
         self.release()
         hit = made = 0  # how far each mapping has been read
         for n, at in enumerate(order):
             if at >= 0:
                 yield body[at:at + size]
                 hit = at
-            elif filled[j := -1 - at]:
+            elif written(j := -1 - at):
                 yield slots[j * size:(j + 1) * size]
                 made = j * size
             if not n % RELEASE_EVERY:
@@ -565,6 +602,12 @@ class _Cache:
                 if not met[i]:
                     yield body[self.start + i * size:self.start + (i + 1) * size]
         self.release()
+
+
+def _written(slots: memoryview):
+    """A test of whether slot ``j`` holds a record: a written record's inode (bytes 8-16) is not 0."""
+    zero, size = bytes(8), _RECORD.size
+    return lambda j: len(slots) > 0 and slots[j * size + 8:j * size + 16] != zero
 
 
 def _load_cache(path: bytes) -> _Cache:

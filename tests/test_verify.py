@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import struct
+import subprocess
 import threading
 import time
 import zlib
@@ -457,3 +458,52 @@ def test_a_killed_worker_process_leaves_the_rest_to_be_hashed_here_with_the_same
     assert pooled.modified == here.modified == {b"/usr/share/many/f%05d" % i for i in (3, 1500, count - 1)}
     assert pooled.stats.hashed == here.stats.hashed == count
     assert pooled.stats.bytes_hashed == here.stats.bytes_hashed
+
+
+def _many_files(tmp_path, changed=(7, 1234)) -> tuple[DebianRoot, int, set[bytes]]:
+    root = DebianRoot(tmp_path / "system")
+    count = verify.PROCESS_MIN + 50
+    root.package("many", files={b"/usr/share/many/f%05d" % i: b"file %d\n" % i for i in range(count)})
+    root.write()
+    for i in changed:
+        with open(root.path(b"/usr/share/many/f%05d" % i), "ab") as f:
+            f.write(b"changed\n")
+    settle()  # old enough to be cached
+    return root, count, {b"/usr/share/many/f%05d" % i for i in changed}
+
+
+def test_worker_processes_write_the_cache_records_that_the_next_run_reads(tmp_path, caplog):
+    root, count, expected = _many_files(tmp_path)
+    manifest = load_manifest(root.root)
+    caplog.set_level("DEBUG", logger="jwbackup.verify")
+    first = verify.check(manifest, root.root, workers=2)
+    assert f"hashing {count} files in 2 worker processes" in caplog.text
+    assert first.modified == expected and first.stats.hashed == count
+    second = verify.check(manifest, root.root, workers=2)
+    assert second.modified == expected
+    assert (second.stats.cache_hits, second.stats.hashed) == (count, 0)
+    with open(root.path(b"/usr/share/many/f00100"), "r+b") as f:
+        f.write(b"F")  # same size, edited in place
+    settle()
+    third = verify.check(manifest, root.root, workers=2)
+    assert third.modified == expected | {b"/usr/share/many/f00100"}
+    assert (third.stats.cache_hits, third.stats.hashed) == (count - 1, 1)
+
+
+def test_a_full_disk_under_the_cache_costs_the_cache_not_the_verdicts(tmp_path, caplog):
+    root, count, expected = _many_files(tmp_path)
+    cache_dir = root.path(os.path.dirname(verify.CACHE_FILE))
+    os.makedirs(cache_dir)
+    # 64 KiB: the slots of 2,050 files take 112 KiB
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", cache_dir], check=True)
+    try:
+        manifest = load_manifest(root.root)
+        first = verify.check(manifest, root.root, workers=2)
+        assert "cannot keep new verification cache records (No space left on device)" in caplog.text
+        assert first.modified == expected and first.stats.hashed == count
+        assert not os.path.exists(root.path(verify.CACHE_FILE))
+        assert os.listdir(cache_dir) == []  # the unlinked slots file is gone with its descriptor
+    finally:
+        subprocess.run(["umount", "-l", cache_dir], check=False)
+    second = verify.check(manifest, root.root, workers=2)
+    assert second.modified == expected and second.stats.hashed == count
