@@ -176,11 +176,14 @@ def run_scenarios(args, meta: dict, system_dir: str, scenarios: list[str], work:
                     named = args.tools.split(",") if args.tools else None
                     if not (tool.name in named if named else takes_part(tool, scenario, round_)):
                         continue
-                    if scenario.endswith("first") and uses_jwbackup(tool):
-                        jw.forget_digests()  # each pays for hashing every installed file once
+                    warmed = None
+                    if scenario.endswith("first"):
+                        if uses_jwbackup(tool):
+                            jw.forget_digests()  # each pays for hashing every installed file once
+                        warmed = synth.warm(os.fsencode(root))  # each starts with the tree in the page cache
                     subprocess.run(["sync"])
                     outcome = tool.backup(prune_one=scenario == "retention")
-                    row = {"scenario": scenario, "round": round_, "tool": tool.name, **change,
+                    row = {"scenario": scenario, "round": round_, "tool": tool.name, **change, "warmed_s": warmed,
                            "run": outcome.run.as_dict(), "written": outcome.written,
                            "entries": outcome.entries, **outcome.extra}
                     rows.append(row)
@@ -237,8 +240,10 @@ def sweep(args, scales: list[int], info: dict) -> int:
             tool.wipe()
         for scenario in ("first", "unchanged"):
             for tool in tools:
-                if scenario == "first" and uses_jwbackup(tool):
-                    tools[0].forget_digests()
+                if scenario == "first":
+                    if uses_jwbackup(tool):
+                        tools[0].forget_digests()
+                    synth.warm(os.fsencode(root))  # jwbackup goes first: it must not meet a colder cache
                 subprocess.run(["sync"])
                 o = tool.backup()
                 row = {"scale": scale, "entries_total": meta["entries"], "scenario": scenario, "tool": tool.name,
