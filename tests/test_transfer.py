@@ -394,6 +394,33 @@ def test_full_destination_fails_with_one_line_and_keeps_earlier_generation(tmp_p
     assert frozen(small / "g1") == before
 
 
+@pytest.fixture
+def other_filesystem(tmp_path):
+    """A tmpfs: the source in tmp_path is on another filesystem."""
+    mnt = tmp_path / "other"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", mnt], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", mnt], check=False)
+
+
+def test_files_copied_to_another_filesystem_are_whole_and_as_rsync_copies_them(tmp_path, other_filesystem):
+    """copy_file_range works within one filesystem; to another the linker copies with
+    sendfile (or read/write), and every size comes out whole."""
+    src = tmp_path / "src"
+    sizes = [0, 1, 4095, 4096, 65537, (1 << 20) + 3, 3 << 20]
+    for i, size in enumerate(sizes):
+        write(src / f"d{i % 3}" / f"f{size}", os.urandom(size), mode=0o640 + i % 2)
+    settle(src)
+    assert os.stat(src).st_dev != os.stat(other_filesystem).st_dev
+    paths = selection(src)
+    assert build_linker(src, other_filesystem / "linker", [], paths).returncode == 0
+    assert build_rsync(src, other_filesystem / "rsync", [], paths).returncode == 0
+    linked = describe(other_filesystem / "linker")
+    assert linked == describe(other_filesystem / "rsync")
+    assert {len(linked[b"/d%d/f%d" % (i % 3, size)][5]) for i, size in enumerate(sizes)} == set(sizes)
+
+
 def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 

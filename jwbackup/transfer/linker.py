@@ -52,6 +52,8 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1 << 30
 _NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+_DEST_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_RANGE, _SENDFILE, _READ_WRITE = range(3)  # ways to copy content, best first
 MAX_ERROR_LINES = 1000
 
 
@@ -248,6 +250,7 @@ class Linker:
             self._leaders = _Dirs(dst_top)
             self._dirs: list[_Dir] = []
             self._top_done: set[bytes] = set()
+            self._no_range: set[int] = set()  # source devices that refuse copy_file_range
             groups: dict[tuple[int, int], list[tuple[tuple, _Entry]]] = {}
             try:
                 for path in self._guarded(run, paths):
@@ -540,32 +543,45 @@ class Linker:
         run.stats.transferred_size += copied
 
     def _content(self, rfd: int, wfd: int, entry: _Entry) -> int:
+        """Copy ``rfd`` to ``wfd`` in the kernel where it can: ``copy_file_range``
+        (within a filesystem, where it may share blocks), else ``sendfile``
+        (any two files); ``read``/``write`` when neither works, which also tells
+        whose error it was.  A source filesystem that refuses
+        ``copy_file_range`` (another filesystem than the destination's) is not
+        asked again: a first run would pay a failing call per file."""
         total = 0
-        use_range = True
+        way = _SENDFILE if entry.st.st_dev in self._no_range else _RANGE
         while True:
-            if use_range:
-                try:
+            try:
+                if way == _RANGE:
                     n = os.copy_file_range(rfd, wfd, _CHUNK)
-                except OSError as exc:
-                    use_range = False
-                    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
-                        raise self._dest_error(entry.parts, exc)
-                    continue  # unsupported here, or an I/O error: read/write tells whose
-            else:
-                try:
-                    data = os.read(rfd, 1 << 20)
-                except OSError as exc:
-                    raise SourceError(f'read errors mapping "{_show(entry.path)}": {exc.strerror}') from None
-                n = len(data)
-                view = memoryview(data)
-                while view:
-                    try:
-                        view = view[os.write(wfd, view):]
-                    except OSError as exc:
-                        raise self._dest_error(entry.parts, exc)
+                elif way == _SENDFILE:
+                    n = os.sendfile(wfd, rfd, None, _CHUNK)
+                else:
+                    n = self._read_write(rfd, wfd, entry)
+            except OSError as exc:
+                if exc.errno in _DEST_FULL:
+                    raise self._dest_error(entry.parts, exc)
+                if way == _RANGE and exc.errno in _NO_COPY_RANGE:
+                    self._no_range.add(entry.st.st_dev)
+                way += 1
+                continue
             if n == 0:
                 return total
             total += n
+
+    def _read_write(self, rfd: int, wfd: int, entry: _Entry) -> int:
+        try:
+            data = os.read(rfd, 1 << 20)
+        except OSError as exc:
+            raise SourceError(f'read errors mapping "{_show(entry.path)}": {exc.strerror}') from None
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(wfd, view):]
+            except OSError as exc:
+                raise self._dest_error(entry.parts, exc)
+        return len(data)
 
     def _attrs_fd(self, fd: int, entry: _Entry) -> None:
         st = entry.st
