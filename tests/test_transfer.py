@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -372,14 +373,18 @@ def test_vanished_file_is_a_warning_like_rsync_exit_24(tmp_path):
     assert (tmp_path / "gen/here").read_bytes() == b"1\n"
 
 
+def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``mnt`` while the test runs."""
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", mnt], check=False)
+
+
 @pytest.fixture
 def small(tmp_path):
     """A 1 MiB filesystem to fill up."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", mnt], check=False)
+    yield from tmpfs(tmp_path / "small", "1m")
 
 
 def test_full_destination_fails_with_one_line_and_keeps_earlier_generation(tmp_path, small):
@@ -396,12 +401,8 @@ def test_full_destination_fails_with_one_line_and_keeps_earlier_generation(tmp_p
 
 @pytest.fixture
 def other_filesystem(tmp_path):
-    """A tmpfs: the source in tmp_path is on another filesystem."""
-    mnt = tmp_path / "other"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", mnt], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", mnt], check=False)
+    """A filesystem other than the source's, in tmp_path."""
+    yield from tmpfs(tmp_path / "other", "64m")
 
 
 def test_files_copied_to_another_filesystem_are_whole_and_as_rsync_copies_them(tmp_path, other_filesystem):
