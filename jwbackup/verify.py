@@ -304,9 +304,10 @@ def _judge(misses: _Misses, prefix: bytes, stats, modified, workers) -> None:
         stats.unreadable += len(judged.unreadable)
         stats.hashed += judged.hashed
         stats.bytes_hashed += judged.bytes_read
-        misses.slots.cached += judged.cached
         if judged.write_error:
             misses.slots.fail(judged.write_error)
+        elif misses.slots.fd >= 0:  # after a failure no record is kept, whoever wrote it
+            misses.slots.cached += judged.cached
 
 
 def _files_among(paths: list[bytes], prefix: bytes) -> int:
