@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     print(f"unchanged run over {meta['entries']:,} entries, linking against {latest}")
     manifest = steps.time("manifest (dpkg database)", load_manifest, cfg, root)
     prefix = os.fsencode(root)
-    compared = [prefix + path for path, record in manifest.records.items() if record_algorithm(record)]
+    compared = [prefix + path for path, record in manifest.records() if record_algorithm(record)]
     selector = steps.time("verify (stat cache warm) + selector", make_selector, cfg, root, manifest)
     paths = steps.time("walk alone (select into a list)", lambda: list(selector.select(cfg.roots)))
     print(f"  {len(paths):,} paths selected of {meta['entries']:,} entries")

@@ -23,9 +23,10 @@ the read is never hidden.
 Format: a line ``jwbackup-manifest-cache <version> <manager>``, then frames
 of (payload length, crc32 of the payload), little-endian, and a marshal
 payload: first (fingerprint, jwbackup version, record format, links,
-packages, warnings, path count), then the plain directories and (paths,
-records) in chunks, so that neither writing nor reading ever holds a second
-copy of the manifest.
+packages, warnings, plain directory count, directory count), then the plain
+directories and the manifest's directories (bases, joined names, records) in
+chunks, so that neither writing nor reading ever holds a second copy of the
+manifest.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ from jwbackup.managers import RECORD_FORMAT, Manager, Manifest
 logger = logging.getLogger(__name__)
 
 MAGIC = b"jwbackup-manifest-cache"
-VERSION = 1
-CHUNK = 8192  # paths per frame
+VERSION = 2  # 1 kept paths whole
+CHUNK = 8192  # plain directories per frame
+DIR_CHUNK = 1024  # manifest directories per frame: 8k paths
 _FRAME = struct.Struct("<II")
 
 
@@ -92,12 +94,14 @@ def load(manager: Manager, root: str) -> tuple[Manifest, bool]:
 def _write(f: BinaryIO, name: str, fingerprint: bytes, manifest: Manifest) -> None:
     f.write(b"%s %d %s\n" % (MAGIC, VERSION, os.fsencode(name)))
     _frame(f, (fingerprint, __version__, RECORD_FORMAT, manifest.links, manifest.packages, manifest.warnings,
-               len(manifest.plain), len(manifest)))
+               len(manifest.plain), len(manifest.dirs)))
     for start in range(0, len(manifest.plain), CHUNK):
         _frame(f, manifest.plain[start:start + CHUNK])
-    items = iter(manifest.records.items())  # no list of every path: at 1M entries it is 5 MB
-    while chunk := list(islice(items, CHUNK)):
-        _frame(f, tuple(map(list, zip(*chunk))))
+    manifest.freeze()
+    dirs = iter(manifest.dirs.items())
+    while chunk := list(islice(dirs, DIR_CHUNK)):
+        bases, names = zip(*chunk)
+        _frame(f, (bases, *zip(*names)))
 
 
 def _frame(f: BinaryIO, value: object) -> None:
@@ -125,7 +129,7 @@ def _read(path: bytes, name: str, fingerprint: bytes, prefix: bytes) -> Manifest
                 now = None
             if now != target:
                 raise _Stale(f"the symlink {os.fsdecode(link)} changed")
-        for _ in range(_frames(plain)):
+        for _ in range(_frames(plain, CHUNK)):
             for directory in _unframe(f):
                 if os.path.islink(prefix + directory):
                     raise _Stale(f"{os.fsdecode(directory)} is a symlink now")
@@ -133,17 +137,17 @@ def _read(path: bytes, name: str, fingerprint: bytes, prefix: bytes) -> Manifest
         manifest.links = links
         for package in packages:
             manifest.number(package)
-        records = manifest.records
-        for _ in range(_frames(count)):
-            paths, values = _unframe(f)
-            records.update(zip(paths, values))
-        if len(records) != count or f.read(1):
-            raise ValueError(f"{len(records)} paths where {count} were kept")
+        dirs = manifest.dirs
+        for _ in range(_frames(count, DIR_CHUNK)):
+            bases, names, records = _unframe(f)
+            dirs.update(zip(bases, zip(names, records)))
+        if len(dirs) != count or f.read(1):
+            raise ValueError(f"{len(dirs)} directories where {count} were kept")
     return manifest
 
 
-def _frames(items: int) -> int:
-    return -(-items // CHUNK)
+def _frames(items: int, chunk: int) -> int:
+    return -(-items // chunk)
 
 
 def _unframe(f: BinaryIO):

@@ -62,6 +62,12 @@ def system_path(root: bytes, real_path: bytes) -> bytes | None:
 
 
 _NO_KIND, _FILE, _DIR, _SYMLINK = (KINDS.index(k) for k in (None, FILE, DIR, SYMLINK))
+_NOTHING: dict[bytes, bytes] = {}  # the records of a directory the manifest does not know
+
+
+def _owned_dir(record: bytes | None) -> bool:
+    """Does ``record`` stand for a directory the package manager installed?"""
+    return record is not None and record[0] & KIND_MASK in (_NO_KIND, _DIR)
 
 
 def _cachedir_tagged(real_dir: bytes) -> bool:
@@ -88,7 +94,7 @@ class Selector:
         prune: Iterable[str | bytes] = (),
         verifier: Verifier | None = None,
     ):
-        self.records = manifest.records
+        self.manifest = manifest
         self.prefix = os.fsencode(root).rstrip(b"/")
         self._canon = Canonicalizer(self.prefix)  # resolves symlinks inside the root
         self.prune = {os.fsencode(p) for p in prune}
@@ -115,7 +121,7 @@ class Selector:
     # entry of the system: the counters are local until it ends.
     def _walk(self, top: bytes, directories: bool) -> Iterator[bytes]:
         prefix = self.prefix
-        records = self.records
+        directory = self.manifest.directory
         stats = self.stats
         modified = self.verifier.modified
         entries = owned = selected = 0
@@ -132,30 +138,32 @@ class Selector:
         if listing is None:
             return
         pending: list[bytes] = []
-        if self._owned_dir(top):
+        if _owned_dir(self.manifest.record(top)):
             if directories:
                 pending.append(top)
         elif directories or not listing:
             stats.selected += 1
             yield top
-        stack = [(top, join(top, b""), iter(listing))]
+        base = join(top, b"")
+        stack = [(top, base, iter(listing), directory(base) or _NOTHING)]
 
         try:
             while stack:
-                parent, base, children = stack[-1]
+                parent, base, children, installed = stack[-1]
                 child = next(children, None)
                 if child is None:
                     stack.pop()
                     if pending and pending[-1] == parent:
                         pending.pop()
                     continue
-                path = base + child.name
+                name = child.name
+                path = base + name
                 if child.is_dir(follow_symlinks=False):
                     listing = self._enter(path)
                     if listing is None:
                         continue
-                    stack.append((path, path + b"/", iter(listing)))
-                    if self._owned_dir(path):
+                    stack.append((path, path + b"/", iter(listing), directory(path + b"/") or _NOTHING))
+                    if _owned_dir(installed.get(name)):
                         if directories:
                             pending.append(path)
                         continue
@@ -163,7 +171,7 @@ class Selector:
                         continue
                 else:
                     entries += 1
-                    record = records.get(path)
+                    record = installed.get(name)
                     if record is not None:
                         kind = record[0] & KIND_MASK
                         if child.is_file(follow_symlinks=False) if kind == _FILE else self._matches(kind, child, path):
@@ -201,10 +209,6 @@ class Selector:
         if kind == _DIR:
             return False  # a directory would have been walked, not judged here
         return not (entry.is_file(follow_symlinks=False) or entry.is_symlink())
-
-    def _owned_dir(self, path: bytes) -> bool:
-        record = self.records.get(path)
-        return record is not None and record[0] & KIND_MASK in (_NO_KIND, _DIR)
 
     def _enter(self, path: bytes) -> list[os.DirEntry] | None:
         """The listing of directory ``path``, or None when it is not to be walked."""

@@ -129,10 +129,10 @@ def check(
     prefix = os.fsencode(root).rstrip(b"/")
     stats = Stats()
     modified: set[bytes] = set()
-    records, everything = _under(manifest, roots)
+    listing, everything = _under(manifest, roots)
     cache_path = prefix + cache_file if cache_file and mode != "none" else None
     cache = _load_cache(cache_path) if cache_path else _Cache()
-    order, misses, no_digest = _scan(records, mode, prefix, cache, modified)
+    order, misses, no_digest = _scan(listing, mode, prefix, cache, modified)
     misses.slots = _Slots(cache_path if misses.cacheable else None, len(misses))
     stats.cache_hits = len(order) - misses.cacheable  # the rest of the order is hashed
     stats.checked = stats.cache_hits + len(misses)
@@ -160,14 +160,14 @@ def modified_paths(manifest: Manifest, root: str | bytes = b"/", mode: str = DEF
     return check(manifest, root, mode, cache_file, roots).modified
 
 
-def _under(manifest: Manifest, roots: Iterable[str | bytes]) -> tuple[Iterable[tuple[bytes, bytes]], bool]:
-    """The manifest records under ``roots``, and whether that is all of them."""
+def _under(manifest: Manifest, roots: Iterable[str | bytes]) -> tuple[Iterable, bool]:
+    """The manifest's directories under ``roots`` (see :meth:`Manifest.listing`),
+    and whether that is all of them."""
     tops = {os.fsencode(r).rstrip(b"/") for r in roots}
-    records = manifest.records
     if b"" in tops:
-        return records.items(), True
+        return manifest.listing(), True
     starts = tuple(t + b"/" for t in tops)
-    return [(p, r) for p, r in records.items() if p in tops or p.startswith(starts)], False
+    return (d for d in manifest.listing() if d[0].startswith(starts)), False
 
 
 # -- comparing -------------------------------------------------------------------
@@ -235,7 +235,7 @@ class _Misses:
         return len(self.paths)
 
 
-def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Misses, list[bytes]]:
+def _scan(listing, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Misses, list[bytes]]:
     """The lstat pass, judging every file the cache knows: (order, misses, no_digest).
 
     ``order`` is what the next cache holds (:class:`_Order`).  Modified
@@ -253,43 +253,45 @@ def _scan(records, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Miss
     at = cache.start  # where the next record is expected: files come in the order the last run saved them
     release_at = at + RELEASE_BYTES
     everything = mode == "all"
-    for path, record in records:
-        flags = record[0]
-        algorithm = flags >> 5  # 0: no digest recorded
-        if flags & CONFFILE:
-            if not algorithm or mode == "none":
-                modified.add(path)
+    for base, names, records in listing:
+        real = prefix + base
+        for name, record in zip(names, records):
+            flags = record[0]
+            algorithm = flags >> 5  # 0: no digest recorded
+            if flags & CONFFILE:
+                if not algorithm or mode == "none":
+                    modified.add(base + name)
+                    continue
+            elif not algorithm:
+                if everything and flags & KIND_MASK != _DIR:
+                    no_digest.append(base + name)
                 continue
-        elif not algorithm:
-            if everything and flags & KIND_MASK != _DIR:
-                no_digest.append(path)
-            continue
-        elif not everything:
-            continue
-        try:
-            st = lstat(prefix + path)
-        except OSError:
-            continue  # not there: nothing to judge, the walk will not meet it
-        if not isreg(st.st_mode):
-            continue  # another kind now: the walk keeps it anyway
-        if algorithm != _CACHED_CODE:
-            misses.add(path, record, st.st_size, False)
-            continue
-        key = pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if body.find(key, at, at + _KEY.size) != at:
-            found = find(key)
-            if found < 0:
-                add(-1 - misses.add(path, record, st.st_size, True))
-                at += _RECORD.size  # past the record this file had, if it had one
+            elif not everything:
                 continue
-            at = found
-        add(at)
-        if body[at + _KEY.size:at + _RECORD.size] != record[DIGEST_AT:_CACHED_END]:
-            modified.add(path)
-        at += _RECORD.size
-        if at > release_at:
-            release(at)
-            release_at = at + RELEASE_BYTES
+            try:
+                st = lstat(real + name)
+            except OSError:
+                continue  # not there: nothing to judge, the walk will not meet it
+            if not isreg(st.st_mode):
+                continue  # another kind now: the walk keeps it anyway
+            if algorithm != _CACHED_CODE:
+                misses.add(base + name, record, st.st_size, False)
+                continue
+            key = pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if body.find(key, at, at + _KEY.size) != at:
+                found = find(key)
+                if found < 0:
+                    add(-1 - misses.add(base + name, record, st.st_size, True))
+                    at += _RECORD.size  # past the record this file had, if it had one
+                    continue
+                at = found
+            add(at)
+            if body[at + _KEY.size:at + _RECORD.size] != record[DIGEST_AT:_CACHED_END]:
+                modified.add(base + name)
+            at += _RECORD.size
+            if at > release_at:
+                release(at)
+                release_at = at + RELEASE_BYTES
     return order, misses, no_digest
 
 

@@ -12,6 +12,7 @@ from fakeroot import DebianRoot, md5hex
 from jwbackup import managers
 from jwbackup.errors import ManifestError
 from jwbackup.managers import FILE, Digest
+from jwbackup.managers import dpkg
 from jwbackup.managers.dpkg import Dpkg
 from jwbackup.paths import Canonicalizer
 
@@ -61,6 +62,17 @@ def test_real_start_stop_daemon_is_owned_under_its_usrmerge_name(real_manifest):
     assert entry is not None and entry.package == "dpkg" and entry.kind == FILE
     if b"/sbin/start-stop-daemon" in real_lists()["dpkg"] and os.path.islink("/sbin"):
         assert b"/sbin/start-stop-daemon" not in real_manifest
+
+
+@on_debian
+def test_real_manifest_is_the_same_however_often_it_is_frozen_while_built(real_manifest, monkeypatch):
+    # Freezing after every package: directories shared by packages (/usr/bin,
+    # /usr/share/doc) are opened again and again, and must lose nothing.
+    monkeypatch.setattr(dpkg, "FREEZE_AFTER", 0)
+    again = Dpkg().manifest("/")
+    assert len(again) == len(real_manifest) > 1000
+    assert dict(again.records()) == dict(real_manifest.records())
+    assert list(again) == list(real_manifest)  # the same order: the verification cache reads in it
 
 
 @on_debian

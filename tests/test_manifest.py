@@ -39,8 +39,7 @@ def test_every_entry_comes_back_as_it_went_in():
 def test_entries_without_a_digest_share_one_record_per_package_and_kind():
     manifest = Manifest({b"/usr/share/a": Entry(None, "pkg"), b"/usr/share/b": Entry(None, "pkg"),
                          b"/usr/share/c": Entry(None, "other")})
-    records = manifest.records
-    assert records[b"/usr/share/a"] is records[b"/usr/share/b"]
+    assert manifest.record(b"/usr/share/a") is manifest.record(b"/usr/share/b")
     assert manifest[b"/usr/share/c"].package == "other"
 
 
@@ -63,5 +62,34 @@ def test_dropping_the_digests_keeps_kinds_packages_and_conffile_marks():
     manifest = Manifest(entries)
     manifest.drop_digests()
     assert dict(manifest.items()) == {path: entry._replace(digest=None, mtime=None) for path, entry in entries.items()}
-    records = manifest.records  # what is left is shared, as for entries that never had a digest
-    assert records[b"/usr/bin/tool"] is records[b"/usr/bin/tool2"] is not records[b"/etc/tool.conf"]
+    record = manifest.record  # what is left is shared, as for entries that never had a digest
+    assert record(b"/usr/bin/tool") is record(b"/usr/bin/tool2") is not record(b"/etc/tool.conf")
+
+
+def test_paths_are_kept_by_directory_and_come_back_whole():
+    odd = {
+        b"/": Entry(DIR, "base"),
+        b"/etc": Entry(DIR, "base"),
+        b"/etc/a file with spaces": Entry(FILE, "base", md5(b"1")),
+        b"/etc/\xff\xfe not utf-8": Entry(FILE, "base", md5(b"2")),
+        b"/etc/new\nline": Entry(FILE, "base", md5(b"3")),
+        b"/etc/-leading-dash": Entry(None, "base"),
+    }
+    manifest = Manifest(odd)
+    assert set(manifest.dirs) == {b"/", b"/etc/"}
+    assert dict(manifest.items()) == odd
+    assert manifest.directory(b"/etc/") == {name[len(b"/etc/"):]: manifest.record(name) for name in odd if name.startswith(b"/etc/")}
+    assert manifest.directory(b"/usr/") is None and manifest.get(b"/usr") is None
+
+
+def test_changes_after_freezing_land_in_the_right_directory():
+    manifest = Manifest(ENTRIES)
+    manifest[b"/usr/bin/new"] = Entry(FILE, "new", md5(b"new"))
+    del manifest[b"/run/tool.fifo"]  # the only path in /run/
+    with pytest.raises(KeyError):
+        del manifest[b"/run/tool.fifo"]
+    manifest.freeze()
+    expected = {**ENTRIES, b"/usr/bin/new": Entry(FILE, "new", md5(b"new"))}
+    del expected[b"/run/tool.fifo"]
+    assert dict(manifest.items()) == expected and len(manifest) == len(expected)
+    assert b"/run/" not in manifest.dirs

@@ -94,15 +94,40 @@ def record_algorithm(record: bytes) -> str | None:
     return ALGORITHMS[record[0] >> 5]
 
 
+def split(path: bytes) -> tuple[bytes, bytes]:
+    """``path`` as (directory with its trailing slash, name): ``b"/usr/bin/"``,
+    ``b"ls"``; ``b"/"`` is (``b"/"``, ``b""``).  The two joined give it back."""
+    cut = path.rfind(b"/") + 1
+    return path[:cut], path[cut:]
+
+
 class Manifest(MutableMapping):
     """Every path a package manager installed, keyed by canonical path.
 
-    A mapping of path to :class:`Entry`; ``records`` holds the same as
-    records (see above), ``packages`` the package names they number.
+    A mapping of path to :class:`Entry`, stored by directory (``dirs``) as
+    records (see above); ``packages`` holds the package names they number.
     """
 
+    # -- storage by directory ----------------------------------------------------
+    #
+    # Most of a manifest's size was its paths: at 1M entries, 640k paths of 47
+    # bytes on average, each a bytes object of 80, in a dict of 20 MB.  The
+    # names of one directory are therefore kept as one bytes object, joined by
+    # NUL (which no name holds), with a tuple of their records, in the same
+    # order:
+    #
+    #     dirs[b"/usr/bin/"] == (b"ls\0cat\0...", (record_of_ls, record_of_cat, ...))
+    #
+    # A directory being changed (while the manifest is built, or a path is set
+    # or deleted) is a dict of name to record instead, until :meth:`freeze`.
+    # Builders freeze every few thousand directories: the names of all the
+    # directories being changed at once would cost 60 MB at 1M entries, and
+    # left the memory that much fragmented after freezing.
+    # The walk asks for one directory's names at a time (:meth:`directory`),
+    # the verification for every path in order (:meth:`records`).
+
     def __init__(self, entries: Mapping[bytes, Entry] | None = None, warnings: Iterable[str] = ()):
-        self.records: dict[bytes, bytes] = {}
+        self.dirs: dict[bytes, tuple[bytes, tuple[bytes, ...]] | dict[bytes, bytes]] = {}
         self.packages: list[str] = []
         self.warnings: list[str] = list(warnings)
         # What the recorded paths were made canonical through: the symlinks
@@ -113,8 +138,11 @@ class Manifest(MutableMapping):
         self.plain: list[bytes] = []
         self._numbers: dict[str, int] = {}
         self._shared: dict[bytes, bytes] = {}
+        self._read: tuple[bytes | None, dict[bytes, bytes]] = (None, {})  # the last frozen directory read
+        self.changed: list[bytes] = []  # the directories being changed, until :meth:`freeze`
         if entries:
             self.update(entries)
+            self.freeze()
 
     def number(self, package: str) -> int:
         """The number of ``package`` in this manifest's records."""
@@ -149,6 +177,60 @@ class Manifest(MutableMapping):
         record = self.head(flags, entry.package) + tail
         return record if tail else self._shared.setdefault(record, record)
 
+    def directory(self, base: bytes) -> dict[bytes, bytes] | None:
+        """The records of the directory ``base`` (with its trailing slash) by name, or None.
+
+        Not to be changed: it may be the manifest's own."""
+        names = self.dirs.get(base)
+        if names is None or type(names) is dict:
+            return names
+        return dict(zip(names[0].split(b"\0"), names[1]))
+
+    def record(self, path: bytes) -> bytes | None:
+        """The record of ``path``, or None."""
+        base, name = split(path)
+        if self._read[0] != base:
+            names = self.dirs.get(base)
+            if names is None:
+                return None
+            if type(names) is dict:
+                return names.get(name)
+            self._read = (base, self.directory(base))
+        return self._read[1].get(name)
+
+    def listing(self) -> Iterator[tuple[bytes, Iterable[bytes], Iterable[bytes]]]:
+        """Every directory as (base, names, their records), in a fixed order."""
+        for base, names in self.dirs.items():
+            if type(names) is dict:
+                yield base, names.keys(), names.values()
+            else:
+                yield base, names[0].split(b"\0"), names[1]
+
+    def records(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every (path, record), in the order of :meth:`listing`."""
+        for base, names, records in self.listing():
+            yield from zip(map(base.__add__, names), records)
+
+    def changing(self, base: bytes) -> dict[bytes, bytes]:
+        """The records of directory ``base`` by name, to change (until :meth:`freeze`)."""
+        names = self.dirs.get(base)
+        if type(names) is not dict:
+            names = self.dirs[base] = self.directory(base) or {}
+            self.changed.append(base)
+            self._read = (None, {})
+        return names
+
+    def freeze(self) -> None:
+        """Store every directory being changed compactly again; empty ones go."""
+        dirs = self.dirs
+        for base in self.changed:
+            names = dirs[base]
+            if names:
+                dirs[base] = (b"\0".join(names), tuple(names.values()))
+            else:
+                del dirs[base]
+        self.changed.clear()
+
     def drop_digests(self) -> None:
         """Forget the digests and mtimes; kinds, packages and conffile marks stay.
 
@@ -156,16 +238,24 @@ class Manifest(MutableMapping):
         1M paths the digests take 30 MB.  Afterwards the entries say
         ``digest=None``.
         """
-        records, shared = self.records, self._shared
+        self.freeze()
+        shared = self._shared
         heads: dict[bytes, bytes] = {}  # record head -> the shared record without a digest
-        for path, record in records.items():
-            if len(record) > DIGEST_AT:  # assigning to present keys is safe while iterating
-                head = record[:DIGEST_AT]
-                bare = heads.get(head)
-                if bare is None:
-                    bare = bytes((head[0] & (KIND_MASK | CONFFILE),)) + head[1:]
-                    bare = heads[head] = shared.setdefault(bare, bare)
-                records[path] = bare
+
+        def bare(record: bytes) -> bytes:
+            if len(record) <= DIGEST_AT:
+                return record
+            head = record[:DIGEST_AT]
+            found = heads.get(head)
+            if found is None:
+                found = bytes((head[0] & (KIND_MASK | CONFFILE),)) + head[1:]
+                found = heads[head] = shared.setdefault(found, found)
+            return found
+
+        dirs = self.dirs
+        for base, (names, records) in dirs.items():  # assigning to present keys is safe while iterating
+            dirs[base] = (names, tuple(map(bare, records)))
+        self._read = (None, {})
 
     def entry(self, record: bytes) -> Entry:
         """The :class:`Entry` a record stands for."""
@@ -181,30 +271,38 @@ class Manifest(MutableMapping):
         )
 
     def get(self, path: bytes, default: Entry | None = None) -> Entry | None:
-        record = self.records.get(path)
+        record = self.record(path)
         return default if record is None else self.entry(record)
 
     def items(self) -> Iterator[tuple[bytes, Entry]]:  # type: ignore[override]
         entry = self.entry
-        return ((path, entry(record)) for path, record in self.records.items())
+        return ((path, entry(record)) for path, record in self.records())
 
     def __getitem__(self, path: bytes) -> Entry:
-        return self.entry(self.records[path])
+        record = self.record(path)
+        if record is None:
+            raise KeyError(path)
+        return self.entry(record)
 
     def __setitem__(self, path: bytes, entry: Entry) -> None:
-        self.records[path] = self.pack(entry)
+        record = self.pack(entry)
+        base, name = split(path)
+        self.changing(base)[name] = record
 
     def __delitem__(self, path: bytes) -> None:
-        del self.records[path]
+        base, name = split(path)
+        if self.record(path) is None:
+            raise KeyError(path)
+        del self.changing(base)[name]
 
     def __contains__(self, path: object) -> bool:
-        return path in self.records
+        return isinstance(path, bytes) and self.record(path) is not None
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self.records)
+        return (path for path, _ in self.records())
 
     def __len__(self) -> int:
-        return len(self.records)
+        return sum(len(names) if type(names) is dict else len(names[1]) for names in self.dirs.values())
 
 
 @dataclass(frozen=True)

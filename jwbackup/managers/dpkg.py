@@ -33,7 +33,7 @@ from typing import Callable, Iterable, NamedTuple
 
 from jwbackup.cachedir import RACY_NS
 from jwbackup.errors import ManifestError
-from jwbackup.managers import CONFFILE, FILE, KIND_MASK, MD5_FILE, Digest, Entry, Manifest, Package
+from jwbackup.managers import CONFFILE, FILE, KIND_MASK, MD5_FILE, Digest, Entry, Manifest, Package, split
 from jwbackup.paths import Canonicalizer
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ NOT_INSTALLED_STATES = frozenset({"not-installed", "config-files"})
 CONFFILE_FLAGS = frozenset({b"obsolete", b"remove-on-upgrade"})
 STATUS_FIELDS = ["Package", "Status", "Version", "Architecture", "Multi-Arch", "Conffiles"]
 MAX_LINE_WARNINGS = 10  # per file; the rest are counted in one more warning
+FREEZE_AFTER = 2048  # directories being changed at once (see Manifest.freeze)
 
 _MD5_HEX = re.compile(rb"[0-9a-fA-F]{32}")
 # md5sum(1) output, "<md5>  <path>" (or " *" in binary mode), path without the leading "/".
@@ -401,10 +402,9 @@ def _load_manifest(root: str | bytes) -> Manifest:
             f"cannot read the dpkg info directory {os.fsdecode(info_dir)}: {exc.strerror}"
         ) from exc
 
-    # Each package's paths are made canonical before they join the rest: the
-    # big dict then only grows (re-keying it in place cost a second table).
+    # Each package's paths are made canonical before they join the rest, in
+    # the manifest's directories.
     canon = Canonicalizer(root)
-    records: dict[bytes, bytes] = {}
     for package in sorted(status, key=lambda p: (p.name, p.architecture or "")):
         if not package.installed:
             continue
@@ -421,18 +421,28 @@ def _load_manifest(root: str | bytes) -> Manifest:
             if diverter != package.name:
                 # dpkg installed this package's ``frm`` as ``to``.
                 owned[to] = owned.pop(frm)
-        owned = canonicalize(owned, canon)
-        for path in owned.keys() & records.keys():
-            # Listed by an earlier package too (directories, Multi-Arch: same files).
-            old = records[path]
-            if old[0] & KIND_MASK and _richer(old, owned[path]):
-                owned[path] = old
-        records.update(owned)
+        _add(manifest, canonicalize(owned, canon))
+        if len(manifest.changed) > FREEZE_AFTER:
+            manifest.freeze()
 
-    manifest.records = records
+    manifest.freeze()
     manifest.links = canon.links
     manifest.plain = canon.plain()
     return manifest
+
+
+def _add(manifest: Manifest, owned: dict[bytes, bytes]) -> None:
+    """One package's records join the manifest's.  A path listed by an earlier
+    package too (a directory, a Multi-Arch: same file) keeps the record with a
+    kind that records more."""
+    last, names = None, {}
+    for path, record in owned.items():
+        base, name = split(path)
+        if base != last:  # a package lists a directory's files together
+            last, names = base, manifest.changing(base)
+        old = names.get(name)
+        if old is None or not (old[0] & KIND_MASK and _richer(old, record)):
+            names[name] = record
 
 
 def _package_records(

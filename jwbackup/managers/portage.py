@@ -106,6 +106,7 @@ class Portage:
                     text = f"{contents_file}: {text}"
                 _warn(manifest, f"{cpv}: {text}; files on those lines count as not installed by portage")
             _add_contents(manifest, str(cpv), contents, root_len, protect, canonical, contents_file)
+        manifest.freeze()
         logger.debug("portage manifest: %d packages, %d paths", len(cpvs), len(manifest))
         return manifest
 
