@@ -55,7 +55,7 @@ from array import array
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain, count, islice
 from typing import AbstractSet, Iterable, Iterator, NamedTuple
 
 from jwbackup import cachedir
@@ -129,10 +129,11 @@ def check(
     prefix = os.fsencode(root).rstrip(b"/")
     stats = Stats()
     modified: set[bytes] = set()
+    manifest.freeze()  # the files to hash are found again by their place in a directory
     listing, everything = _under(manifest, roots)
     cache_path = prefix + cache_file if cache_file and mode != "none" else None
     cache = _load_cache(cache_path) if cache_path else _Cache()
-    order, misses, no_digest = _scan(listing, mode, prefix, cache, modified)
+    order, misses, no_digest = _scan(listing, manifest.dirs, mode, prefix, cache, modified)
     misses.slots = _Slots(cache_path if misses.cacheable else None, len(misses))
     stats.cache_hits = len(order) - misses.cacheable  # the rest of the order is hashed
     stats.checked = stats.cache_hits + len(misses)
@@ -208,34 +209,50 @@ class _Order:
 
 class _Misses:
     """The files the cache cannot judge, in scan order, kept small: at 1M
-    entries a first run hashes 560k files.
+    entries a first run hashes 560k files, and their paths would be 45 MB.
 
-    Miss ``j`` is ``paths[j]`` with manifest record ``records[j]``; ``big``
-    holds the sizes of those of BIG_FILE or more.  Once hashed, its cache
-    record (stat key and digest) is in ``slots`` (:class:`_Slots`), written
-    by whichever process hashed it.
+    Miss ``j`` is name number ``at[j]`` of directory ``bases[where[j]]`` in
+    the manifest's directories (``dirs``, see :class:`Manifest`), which
+    hold its name and its record; ``big`` holds the sizes of those of
+    BIG_FILE or more.  Once hashed, its cache record (stat key and digest)
+    is in ``slots`` (:class:`_Slots`), written by whichever process hashed it.
     """
 
-    def __init__(self):
-        self.paths: list[bytes] = []
-        self.records: list[bytes] = []
+    def __init__(self, dirs: dict):
+        self.dirs = dirs
+        self.bases: list[bytes] = []  # the directories with a miss, each once: the scan goes directory by directory
+        self.where = array("I")
+        self.at = array("I")
         self.big: dict[int, int] = {}
         self.cacheable = 0  # how many have a place in the cache (md5)
         self.slots = _Slots(None, 0)
+        self._split: tuple[int, list[bytes]] = (-1, [])  # the directory whose names were split last
 
-    def add(self, path: bytes, record: bytes, size: int, cacheable: bool) -> int:
-        self.paths.append(path)
-        self.records.append(record)
+    def add(self, base: bytes, at: int, size: int, cacheable: bool) -> int:
+        if not self.bases or self.bases[-1] is not base:
+            self.bases.append(base)
+        self.where.append(len(self.bases) - 1)
+        self.at.append(at)
+        j = len(self.at) - 1
         if size >= BIG_FILE:
-            self.big[len(self.paths) - 1] = size
+            self.big[j] = size
         self.cacheable += cacheable
-        return len(self.paths) - 1
+        return j
+
+    def entry(self, j: int) -> tuple[bytes, bytes]:
+        """Miss ``j``: (system path, manifest record)."""
+        number, at = self.where[j], self.at[j]
+        base = self.bases[number]
+        names, records = self.dirs[base]
+        if self._split[0] != number:
+            self._split = (number, names.split(b"\0"))
+        return base + self._split[1][at], records[at]
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.at)
 
 
-def _scan(listing, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Misses, list[bytes]]:
+def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Misses, list[bytes]]:
     """The lstat pass, judging every file the cache knows: (order, misses, no_digest).
 
     ``order`` is what the next cache holds (:class:`_Order`).  Modified
@@ -244,7 +261,7 @@ def _scan(listing, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Miss
     """
     order = _Order()
     add = order.add
-    misses = _Misses()
+    misses = _Misses(dirs)
     no_digest: list[bytes] = []
     lstat = os.lstat
     isreg = stat.S_ISREG
@@ -255,7 +272,7 @@ def _scan(listing, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Miss
     everything = mode == "all"
     for base, names, records in listing:
         real = prefix + base
-        for name, record in zip(names, records):
+        for k, name, record in zip(count(), names, records):
             flags = record[0]
             algorithm = flags >> 5  # 0: no digest recorded
             if flags & CONFFILE:
@@ -275,13 +292,13 @@ def _scan(listing, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Miss
             if not isreg(st.st_mode):
                 continue  # another kind now: the walk keeps it anyway
             if algorithm != _CACHED_CODE:
-                misses.add(base + name, record, st.st_size, False)
+                misses.add(base, k, st.st_size, False)
                 continue
             key = pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             if body.find(key, at, at + _KEY.size) != at:
                 found = find(key)
                 if found < 0:
-                    add(-1 - misses.add(base + name, record, st.st_size, True))
+                    add(-1 - misses.add(base, k, st.st_size, True))
                     at += _RECORD.size  # past the record this file had, if it had one
                     continue
                 at = found
@@ -299,10 +316,9 @@ def _judge(misses: _Misses, prefix: bytes, stats, modified, workers) -> None:
     """Hash the misses and compare with the recorded digests; fills their cache slots."""
     if not misses:
         return
-    paths = misses.paths
     for judged in _hash_all(misses, prefix, workers):
-        modified.update(paths[j] for j in judged.modified)
-        modified.update(paths[j] for j in judged.unreadable)
+        modified.update(misses.entry(j)[0] for j in judged.modified)
+        modified.update(misses.entry(j)[0] for j in judged.unreadable)
         stats.unreadable += len(judged.unreadable)
         stats.hashed += judged.hashed
         stats.bytes_hashed += judged.bytes_read
@@ -343,7 +359,7 @@ def _hash_all(misses: _Misses, prefix: bytes, workers: int | None) -> Iterator[_
     the rule (modified, unreadable).  The largest files go first, so the
     workers end together.
     """
-    jobs = (prefix, misses.paths, misses.records, misses.slots.fd)
+    jobs = (prefix, misses, misses.slots.fd)
     workers = workers or min(MAX_WORKERS, os.cpu_count() or 1)
     size = max(64, min(MAX_CHUNK, len(misses) // (workers * 16)))
     done = bytearray(len(misses))
@@ -398,15 +414,15 @@ class _Judged(NamedTuple):
 
 
 def _hash_jobs(indices: list[int], jobs: tuple = ()) -> _Judged:
-    prefix, paths, records, slots = jobs or _inherited
+    prefix, misses, slots = jobs or _inherited
     buf = bytearray(CHUNK)
     modified: list[int] = []
     unreadable: list[int] = []
     hashed = read = cached = 0
     error = None
     for j in indices:
-        record = records[j]
-        actual, key, size = _hash_file(prefix + paths[j], record_algorithm(record), buf)
+        path, record = misses.entry(j)
+        actual, key, size = _hash_file(prefix + path, record_algorithm(record), buf)
         if actual == VANISHED:
             continue
         if actual is None:
