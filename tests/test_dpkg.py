@@ -68,7 +68,7 @@ def test_real_start_stop_daemon_is_owned_under_its_usrmerge_name(real_manifest):
 def test_real_manifest_is_the_same_however_often_it_is_frozen_while_built(real_manifest, monkeypatch):
     # Freezing after every package: directories shared by packages (/usr/bin,
     # /usr/share/doc) are opened again and again, and must lose nothing.
-    monkeypatch.setattr(dpkg, "FREEZE_AFTER", 0)
+    monkeypatch.setattr(dpkg, "FREEZE_BATCH", 1)
     again = Dpkg().manifest("/")
     assert len(again) == len(real_manifest) > 1000
     assert dict(again.records()) == dict(real_manifest.records())

@@ -14,6 +14,7 @@ from gentooroot import MTIME, GentooRoot
 
 from jwbackup.errors import ManifestError
 from jwbackup.managers import DIR, FILE, OTHER, SYMLINK, Digest, Package, available
+from jwbackup.managers import portage
 from jwbackup.managers.portage import Portage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,6 +105,13 @@ def test_manifest_lists_every_recorded_path_with_kind_and_owner(gentoo):
     assert manifest[b"/usr/lib/bar.so"].package == "sys-apps/bar-2.3-r1"
     assert manifest[b"/usr/share/baz6/data"].package == "dev-lang/baz-6"
     assert manifest.warnings == []
+
+
+def test_manifest_is_the_same_however_often_it_is_frozen_while_built(gentoo, monkeypatch):
+    whole = Portage().manifest(str(gentoo.path))
+    monkeypatch.setattr(portage, "FREEZE_BATCH", 1)  # /usr/bin, /etc: opened again by later packages
+    again = Portage().manifest(str(gentoo.path))
+    assert dict(again.records()) == dict(whole.records()) and len(whole) == 22
 
 
 def test_manifest_records_md5_and_mtime_of_files_and_symlinks(gentoo):

@@ -77,6 +77,7 @@ HAS_MTIME = 0x10
 ALGORITHMS = (None, "md5", "sha1", "sha256", "sha512")  # index: flags >> 5
 DIGEST_SIZES = (0, 16, 20, 32, 64)
 MD5_FILE = KINDS.index(FILE) | ALGORITHMS.index("md5") << 5  # the flags of most records
+FREEZE_BATCH = 2048  # directories a builder changes before it freezes them (see Manifest)
 RECORD_FORMAT = 1  # the layout above; kept manifests of another are read again
 _HEAD = struct.Struct("<BI")
 DIGEST_AT = _HEAD.size  # where a record's digest starts
@@ -120,9 +121,9 @@ class Manifest(MutableMapping):
     #
     # A directory being changed (while the manifest is built, or a path is set
     # or deleted) is a dict of name to record instead, until :meth:`freeze`.
-    # Builders freeze every few thousand directories: the names of all the
-    # directories being changed at once would cost 60 MB at 1M entries, and
-    # left the memory that much fragmented after freezing.
+    # Builders freeze between packages once FREEZE_BATCH directories are
+    # being changed: the names of all of them at once cost 60 MB at 1M
+    # entries, and left the memory that much fragmented after freezing.
     # The walk asks for one directory's names at a time (:meth:`directory`),
     # the verification for every path in order (:meth:`records`).
 
@@ -220,8 +221,11 @@ class Manifest(MutableMapping):
             self._read = (None, {})
         return names
 
-    def freeze(self) -> None:
-        """Store every directory being changed compactly again; empty ones go."""
+    def freeze(self, at_least: int = 0) -> None:
+        """Store every directory being changed compactly again, if there are
+        ``at_least`` of them; empty ones go."""
+        if len(self.changed) < at_least:
+            return
         dirs = self.dirs
         for base in self.changed:
             names = dirs[base]

@@ -33,7 +33,9 @@ from typing import Callable, Iterable, NamedTuple
 
 from jwbackup.cachedir import RACY_NS
 from jwbackup.errors import ManifestError
-from jwbackup.managers import CONFFILE, FILE, KIND_MASK, MD5_FILE, Digest, Entry, Manifest, Package, split
+from jwbackup.managers import (
+    CONFFILE, FILE, FREEZE_BATCH, KIND_MASK, MD5_FILE, Digest, Entry, Manifest, Package, split,
+)
 from jwbackup.paths import Canonicalizer
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,6 @@ NOT_INSTALLED_STATES = frozenset({"not-installed", "config-files"})
 CONFFILE_FLAGS = frozenset({b"obsolete", b"remove-on-upgrade"})
 STATUS_FIELDS = ["Package", "Status", "Version", "Architecture", "Multi-Arch", "Conffiles"]
 MAX_LINE_WARNINGS = 10  # per file; the rest are counted in one more warning
-FREEZE_AFTER = 2048  # directories being changed at once (see Manifest.freeze)
 
 _MD5_HEX = re.compile(rb"[0-9a-fA-F]{32}")
 # md5sum(1) output, "<md5>  <path>" (or " *" in binary mode), path without the leading "/".
@@ -422,8 +423,7 @@ def _load_manifest(root: str | bytes) -> Manifest:
                 # dpkg installed this package's ``frm`` as ``to``.
                 owned[to] = owned.pop(frm)
         _add(manifest, canonicalize(owned, canon))
-        if len(manifest.changed) > FREEZE_AFTER:
-            manifest.freeze()
+        manifest.freeze(at_least=FREEZE_BATCH)
 
     manifest.freeze()
     manifest.links = canon.links

@@ -22,7 +22,7 @@ import posixpath
 import sys
 
 from jwbackup.errors import ManifestError
-from jwbackup.managers import DIR, FILE, OTHER, SYMLINK, Digest, Entry, Manifest, Package
+from jwbackup.managers import DIR, FILE, FREEZE_BATCH, OTHER, SYMLINK, Digest, Entry, Manifest, Package
 from jwbackup.paths import Canonicalizer
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class Portage:
                     text = f"{contents_file}: {text}"
                 _warn(manifest, f"{cpv}: {text}; files on those lines count as not installed by portage")
             _add_contents(manifest, str(cpv), contents, root_len, protect, canonical, contents_file)
+            manifest.freeze(at_least=FREEZE_BATCH)
         manifest.freeze()
         logger.debug("portage manifest: %d packages, %d paths", len(cpvs), len(manifest))
         return manifest
