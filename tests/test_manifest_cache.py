@@ -146,6 +146,22 @@ def test_damaged_kept_manifest_is_ignored_with_a_warning_and_rebuilt(jwbackup, d
     assert "kept from an earlier run" in log
 
 
+def test_a_kept_manifest_of_an_earlier_format_is_read_again_quietly(jwbackup, debian, tmp_path):
+    settle()
+    good, _, _ = files(jwbackup, debian, tmp_path)
+    kept = debian.path(KEPT)
+    with open(kept, "rb") as f:
+        head, rest = f.read().split(b"\n", 1)
+    assert head == b"jwbackup-manifest-cache %d dpkg" % manifestcache.VERSION
+    with open(kept, "wb") as f:
+        f.write(b"jwbackup-manifest-cache 1 dpkg\n" + rest)  # format 1 kept whole paths
+    selected, warnings, log = files(jwbackup, debian, tmp_path)
+    assert "kept dpkg manifest not used: another format" in log and b"kept" not in warnings
+    assert selected == good
+    _, _, log = files(jwbackup, debian, tmp_path)
+    assert "kept from an earlier run" in log
+
+
 def test_a_manager_without_a_fingerprint_is_read_every_time(tmp_path):
     root = GentooRoot(tmp_path)
     root.package("app-misc/foo-1.0", files={b"/usr/bin/foo": b"foo"})
