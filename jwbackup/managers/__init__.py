@@ -124,8 +124,9 @@ class Manifest(MutableMapping):
     # Builders freeze between packages once FREEZE_BATCH directories are
     # being changed: the names of all of them at once cost 60 MB at 1M
     # entries, and left the memory that much fragmented after freezing.
-    # The walk asks for one directory's names at a time (:meth:`directory`),
-    # the verification for every path in order (:meth:`records`).
+    # A manifest that is never frozen is still right, only larger.  The walk
+    # asks for one directory's records at a time (:meth:`directory`), the
+    # verification for every directory in order (:meth:`listing`).
 
     def __init__(self, entries: Mapping[bytes, Entry] | None = None, warnings: Iterable[str] = ()):
         self.dirs: dict[bytes, tuple[bytes, tuple[bytes, ...]] | dict[bytes, bytes]] = {}
