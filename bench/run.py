@@ -148,6 +148,15 @@ def uses_jwbackup(tool) -> bool:
     return isinstance(tool, (c.Jwbackup, c.RsyncExcludes, c.BorgmaticExcludes))
 
 
+def seed(tool) -> None:
+    """A first backup, not measured, for a tool that has none to compare the next one with."""
+    if os.path.isdir(tool.dest) and tool.generations():
+        return
+    print(f"  seeding {tool.name}: a first backup, not measured", flush=True)
+    tool.wipe()
+    tool.backup()
+
+
 def run_scenarios(args, meta: dict, system_dir: str, scenarios: list[str], work: str) -> list[dict]:
     root = meta["root"]
     jw = c.Jwbackup(root, work)
@@ -166,16 +175,17 @@ def run_scenarios(args, meta: dict, system_dir: str, scenarios: list[str], work:
         for scenario in scenarios:
             tools = ssh_pair if scenario.startswith("ssh") else local
             for round_ in range(rounds(args, scenario)):
-                if scenario.endswith("first"):
-                    for tool in tools:
+                named = args.tools.split(",") if args.tools else None
+                taking = [t for t in tools if (t.name in named if named else takes_part(t, scenario, round_))]
+                for tool in taking:
+                    if scenario.endswith("first"):
                         tool.wipe()
+                    else:
+                        seed(tool)
                 change = mutate(scenario, system_dir)
                 # A B, then B A: what one run leaves behind (dirty pages to write
                 # back, a warm or cold cache) does not always fall on the same tool.
-                for tool in tools if round_ % 2 == 0 else tools[::-1]:
-                    named = args.tools.split(",") if args.tools else None
-                    if not (tool.name in named if named else takes_part(tool, scenario, round_)):
-                        continue
+                for tool in taking if round_ % 2 == 0 else taking[::-1]:
                     warmed = None
                     if scenario.endswith("first"):
                         if uses_jwbackup(tool):
