@@ -162,7 +162,8 @@ class Selector:
                     listing = self._enter(path)
                     if listing is None:
                         continue
-                    stack.append((path, path + b"/", iter(listing), directory(path + b"/") or _NOTHING))
+                    below = path + b"/"
+                    stack.append((path, below, iter(listing), directory(below) or _NOTHING))
                     if _owned_dir(installed.get(name)):
                         if directories:
                             pending.append(path)
