@@ -21,7 +21,7 @@ import logging.handlers
 import os
 import sys
 
-from jwbackup import __version__, config, errors
+from jwbackup import __version__, config, errors, pkgstate
 from jwbackup.excludes import FORMATS as EXCLUDE_FORMATS
 
 logger = logging.getLogger("jwbackup")
@@ -93,7 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("-n", "--dry-run", action="store_true", default=argparse.SUPPRESS,
                        help="show what would be removed; remove nothing")
 
+    def package_state_option(parser):
+        parser.add_argument(
+            "--no-package-state", dest="write_state", action="store_false",
+            help=f"do not write the package state ({pkgstate.STATE_DIR}, what to reinstall) into the system first",
+        )
+
     files = command("files", "print the paths a backup holds (unowned and modified files)")
+    package_state_option(files)
     files.add_argument("-0", "--null", action="store_true", help="end each path with NUL, not newline")
     files.add_argument(
         "--no-dirs", action="store_true",
@@ -104,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     excludes.add_argument("--format", "-f", choices=sorted(EXCLUDE_FORMATS), default="plain", help="rule syntax (default: plain)")
     excludes.add_argument("-o", "--output", metavar="FILE", help="write to FILE atomically instead of stdout")
     excludes.add_argument("-0", "--null", action="store_true", help="end each rule with NUL (rsync --from0, plain)")
+    package_state_option(excludes)
 
     restore = command("restore", "copy files back from a generation, or print the package reinstall plan")
     restore.epilog = (
@@ -121,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--delete", action="store_true",
                          help="delete what the restored directories hold at the target but the generation does not")
     restore.add_argument("--packages", action="store_true", help="print the package reinstall plan (apt-get or emerge commands)")
+    restore.add_argument("--from", dest="state_from", metavar="DIR",
+                         help=f"with --packages: read the package state from DIR ({pkgstate.STATE_DIR} as another tool "
+                              "restored it, or the root it was restored under) instead of a generation")
     restore.add_argument("--exact-versions", action="store_true",
                          help="with --packages on dpkg systems: pin each package to the version the generation recorded")
 
@@ -199,15 +210,20 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "prune":
         return maintenance.prune(cfg, dry_run=args.dry_run)
     if args.command == "files":
-        return generate.files(cfg, args.root, null=args.null, no_dirs=args.no_dirs)
+        return generate.files(cfg, args.root, null=args.null, no_dirs=args.no_dirs, write_state=args.write_state)
     if args.command == "excludes":
-        return generate.excludes(cfg, args.root, fmt=args.format, output=args.output, null=args.null)
+        return generate.excludes(cfg, args.root, fmt=args.format, output=args.output, null=args.null,
+                                 write_state=args.write_state)
     if args.command == "restore":
         from jwbackup import restore
 
         if args.packages:
             if args.paths:
                 raise errors.UsageError("restore --packages takes no paths")
+            if args.state_from is not None:
+                if args.generation is not None:
+                    raise errors.UsageError("restore --packages reads --from DIR or a generation (-g), not both")
+                return restore.packages_from(args.state_from, exact_versions=args.exact_versions)
             return restore.restore_packages(cfg, args.generation, exact_versions=args.exact_versions)
         return restore.restore_paths(cfg, args.root, args.paths, args.generation, target=args.target,
                                      dry_run=args.dry_run, delete=args.delete)

@@ -1,4 +1,5 @@
-"""The package state, written into the system before each backup.
+"""The package state, written into the system before each backup, and before
+``jwbackup files`` and ``excludes`` so that borg, restic or tar archive it too.
 
 ``/var/lib/jwbackup/packages/`` (under the root) holds plain text files that a
 person reads and a tool feeds back; the backup copies them into every
@@ -13,7 +14,8 @@ portage
     ``installed``: ``category/package-version`` per line;
     ``world`` and ``world_sets``: copies of ``/var/lib/portage/world{,_sets}``.
 
-:func:`read` turns the files of a generation back into :class:`State`.
+:func:`parse` turns the files back into :class:`State`; :func:`read_directory`
+reads them where another tool restored them.
 """
 
 from __future__ import annotations
@@ -117,6 +119,22 @@ def parse(files: dict[str, bytes]) -> State | None:
     if "installed" in files:
         return State("portage", installed=lines("installed"), world=lines("world") + lines("world_sets"))
     return None
+
+
+def read_directory(path: str) -> State | None:
+    """The :class:`State` in directory ``path``: a package state directory,
+    or a root holding one (as another tool restored it); None if none is there."""
+    inner = os.path.join(path, STATE_DIR.lstrip("/"))
+    if os.path.isdir(inner):
+        path = inner
+    files = {}
+    for name in FILES:
+        try:
+            with open(os.path.join(path, name), "rb") as f:
+                files[name] = f.read()
+        except FileNotFoundError:
+            pass
+    return parse(files)
 
 
 def save(root: str, manager_name: str | None = None) -> bool:

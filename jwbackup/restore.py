@@ -179,11 +179,14 @@ def _command(words: list[str], items: list[str]) -> list[str]:
     return lines + [line]
 
 
-def package_plan(state: pkgstate.State, generation: str, exact_versions: bool = False) -> list[str]:
-    """The reinstall plan: comment lines and shell commands an admin reviews and runs."""
+def package_plan(state: pkgstate.State, origin: str, exact_versions: bool = False) -> list[str]:
+    """The reinstall plan: comment lines and shell commands an admin reviews and runs.
+
+    ``origin`` says where the state was read ("generation NAME").
+    """
     if state.manager == "portage":
         lines = [
-            f"# Reinstall plan from generation {generation} (portage): {len(state.installed)} packages were "
+            f"# Reinstall plan from {origin} (portage): {len(state.installed)} packages were "
             f"installed, {len(state.world)} atoms and sets selected in the world file.",
             "# Restore /etc/portage first (jwbackup restore /etc/portage), then run:",
         ]
@@ -208,7 +211,7 @@ def package_plan(state: pkgstate.State, generation: str, exact_versions: bool = 
         if name not in manual and f"{name}:{arch}" not in manual and not (arches[name] == 1 and name in bare_manual)
     )
     lines = [
-        f"# Reinstall plan from generation {generation} (dpkg): {len(state.packages)} packages, "
+        f"# Reinstall plan from {origin} (dpkg): {len(state.packages)} packages, "
         f"{len(manual)} installed explicitly.",
         "# Run as root on the same release and architecture"
         + ("; pinned versions may no longer be in the archive." if exact_versions else "."),
@@ -232,7 +235,28 @@ def restore_packages(cfg: Config, generation: str | None = None, exact_versions:
             f"generation {name} holds no package state ({pkgstate.STATE_DIR}); it was made by an older "
             "jwbackup, or the roots leave out /var/lib"
         )
-    sys.stdout.write("".join(line + "\n" for line in package_plan(state, name, exact_versions)))
+    return _print_plan(package_plan(state, f"generation {name}", exact_versions))
+
+
+def packages_from(directory: str, exact_versions: bool = False) -> int:
+    """``restore --packages --from DIR``: the plan from a package state that
+    another tool (borg, restic, tar) restored."""
+    if not os.path.isdir(directory):
+        raise JwbackupError(f"{directory}: no such directory")
+    try:
+        state = pkgstate.read_directory(directory)
+    except OSError as exc:
+        raise JwbackupError(f"cannot read the package state in {directory}: {exc.strerror}") from None
+    if state is None:
+        raise JwbackupError(
+            f"{directory} holds no package state: name the restored {pkgstate.STATE_DIR}, or the directory "
+            "the system was restored under"
+        )
+    return _print_plan(package_plan(state, directory, exact_versions))
+
+
+def _print_plan(lines: list[str]) -> int:
+    sys.stdout.write("".join(line + "\n" for line in lines))
     return EX_OK
 
 

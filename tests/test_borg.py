@@ -192,6 +192,24 @@ def test_borgmatic_1_7_archive_holds_exactly_the_files_jwbackup_keeps(system, tm
     assert archived_files(tmp_path, repo, root, env) == expected
 
 
+@needs_borg
+@pytest.mark.skipif(not BORGMATIC_1.exists(), reason="Debian's borgmatic is not installed")
+def test_the_archive_holds_the_package_state_the_hook_wrote_and_restore_reads_it(tmp_path):
+    """No jwbackup backup ever ran: the exclude hook alone puts the package list into the archive."""
+    root = build_root(tmp_path / "root")
+    cfg = write_jwbackup_config(tmp_path)
+    env = borg_env(tmp_path)
+    repo, excludes = tmp_path / "repo", tmp_path / "excludes.borg"
+    config = borgmatic_1_config(tmp_path, cfg, root, repo, excludes)
+    run([BORGMATIC_1, "-c", config, "init", "--encryption", "none"], env)
+    run([BORGMATIC_1, "-c", config, "create"], env)
+    files = archived_files(tmp_path, repo, root, env)
+    assert {b"/var/lib/jwbackup/packages/packages", b"/var/lib/jwbackup/packages/manual"} <= files
+    restored = os.fsdecode(os.fsencode(tmp_path / "extracted") + root)
+    plan = run([JWBACKUP, "-l", "-", "-c", cfg, "restore", "--packages", "--from", restored], env).stdout.decode()
+    assert "apt-get install demo\n" in plan
+
+
 def borgmatic_2_version() -> str | None:
     try:
         return importlib.metadata.version("borgmatic")

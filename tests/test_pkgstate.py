@@ -51,7 +51,7 @@ def test_portage_state_copies_world_files_and_lists_installed_versions(tmp_path)
     assert (state / "installed").read_text().splitlines() == ["app-editors/vim-9.0.1-r2", "dev-libs/libfoo-1.0"]
     assert (state / "world").read_text() == "app-editors/vim\n"
     assert (state / "world_sets").read_text() == "@desktop\n"
-    plan = package_plan(pkgstate.parse({n: (state / n).read_bytes() for n in pkgstate.PORTAGE_FILES}), "G")
+    plan = package_plan(pkgstate.parse({n: (state / n).read_bytes() for n in pkgstate.PORTAGE_FILES}), "generation G")
     assert plan[-1] == "emerge --ask --noreplace app-editors/vim @desktop"
 
 
@@ -99,10 +99,53 @@ def test_restore_packages_prints_install_commands_naming_every_manual_package(jw
     assert "apt-get install curl=7.88.1-10 tool=1.0-1 zsh=5.9-4" in exact
 
 
+def test_generators_write_the_package_state_first_unless_told_not_to(jwbackup, system, tmp_path):
+    """borg, restic and tar archive what ``files`` and ``excludes`` leave in: the state goes with it."""
+    rules = tmp_path / "excludes.borg"
+    run(jwbackup, system, "excludes", "--format", "borg", "-o", rules, "--no-package-state")
+    assert not os.path.exists(system.path(STATE))
+    run(jwbackup, system, "files", "--no-package-state")
+    assert not os.path.exists(system.path(STATE))
+
+    run(jwbackup, system, "excludes", "--format", "borg", "-o", rules)
+    assert read(system.path(STATE + b"/manual")).split() == ["curl", "tool", "zsh"]
+    assert "zsh 5.9-4 amd64" in read(system.path(STATE + b"/packages"))
+    assert b"/usr/bin/zsh\n" in rules.read_bytes() and b"/var/lib/jwbackup/" not in rules.read_bytes()
+
+    shutil.rmtree(system.path(STATE))
+    listed = run(jwbackup, system, "files", "-0").stdout.split(b"\0")
+    assert system.path(STATE + b"/manual") in listed and system.path(STATE + b"/packages") in listed
+    assert read(system.path(STATE + b"/manual")).split() == ["curl", "tool", "zsh"]
+
+
+def test_restore_packages_from_a_state_another_tool_restored(jwbackup, system, tmp_path):
+    run(jwbackup, system, "excludes", "-o", tmp_path / "rules")
+    restored = tmp_path / "restored"  # as tar or borg extract would leave it
+    shutil.copytree(os.fsdecode(system.path(STATE)), restored / "var/lib/jwbackup/packages")
+    for directory in (restored, restored / "var/lib/jwbackup/packages"):
+        plan = run(jwbackup, system, "restore", "--packages", "--from", directory).stdout.decode().splitlines()
+        assert plan[0].startswith(f"# Reinstall plan from {directory} (dpkg): 4 packages, 3 installed explicitly")
+        assert "apt-get install curl tool zsh" in plan
+        assert "apt-get install --mark-auto libcurl4" in plan
+
+    (tmp_path / "empty").mkdir()
+    empty = jwbackup("-c", system.config, "restore", "--packages", "--from", tmp_path / "empty")
+    assert empty.returncode != 0 and empty.stdout == b""
+    assert empty.stderr.decode().splitlines() == [
+        f"jwbackup: error: {tmp_path / 'empty'} holds no package state: name the restored "
+        "/var/lib/jwbackup/packages, or the directory the system was restored under"
+    ]
+    missing = jwbackup("-c", system.config, "restore", "--packages", "--from", tmp_path / "missing")
+    assert missing.returncode != 0
+    assert missing.stderr.decode().splitlines() == [f"jwbackup: error: {tmp_path / 'missing'}: no such directory"]
+    both = jwbackup("-c", system.config, "restore", "--packages", "--from", restored, "-g", "2026-01-01-00:00:00")
+    assert both.returncode == 64 and b"not both" in both.stderr
+
+
 def test_long_plans_wrap_into_a_shell_command_over_several_lines():
     state = pkgstate.State("dpkg", packages=[(f"package-{i:03}", "1.0", "amd64") for i in range(40)],
                            manual=[f"package-{i:03}" for i in range(40)])
-    plan = package_plan(state, "G")
+    plan = package_plan(state, "generation G")
     start = plan.index(next(line for line in plan if line.startswith("apt-get install")))
     command = plan[start:]
     assert all(len(line) <= 78 for line in command)
