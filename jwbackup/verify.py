@@ -8,7 +8,8 @@ modified paths; the walk and the exclude generator then only test membership.
 Modes (configuration key ``verify``):
 
 * ``all``: every installed regular file with a recorded digest is compared
-  with it (dpkg ``md5sums`` and conffile md5s, portage CONTENTS md5s);
+  with it (dpkg ``md5sums`` and conffile md5s, portage CONTENTS md5s), and
+  every symlink with a recorded target (portage CONTENTS) with ``readlink``;
 * ``conffiles``: only conffiles (CONFIG_PROTECT files on Gentoo) are compared;
 * ``none``: no file is read; every conffile counts as modified (they are few
   and small, and they hold the admin's settings), every other file as not.
@@ -60,7 +61,8 @@ from typing import AbstractSet, Iterable, Iterator, NamedTuple
 
 from jwbackup import cachedir
 from jwbackup.managers import (
-    ALGORITHMS, CONFFILE, DIGEST_AT, DIR, KIND_MASK, KINDS, Manifest, record_algorithm, record_digest,
+    ALGORITHMS, CONFFILE, DIGEST_AT, DIR, KIND_MASK, KINDS, TARGET, Manifest, record_algorithm, record_digest,
+    record_target,
 )
 
 logger = logging.getLogger(__name__)
@@ -133,10 +135,10 @@ def check(
     listing, everything = _under(manifest, roots)
     cache_path = prefix + cache_file if cache_file and mode != "none" else None
     cache = _load_cache(cache_path) if cache_path else _Cache()
-    order, misses, no_digest = _scan(listing, manifest.dirs, mode, prefix, cache, modified)
+    order, misses, no_digest, links = _scan(listing, manifest.dirs, mode, prefix, cache, modified)
     misses.slots = _Slots(cache_path if misses.cacheable else None, len(misses))
     stats.cache_hits = len(order) - misses.cacheable  # the rest of the order is hashed
-    stats.checked = stats.cache_hits + len(misses)
+    stats.checked = stats.cache_hits + len(misses) + links
     _judge(misses, prefix, stats, modified, workers)
     stats.no_digest = _files_among(no_digest, prefix)
     complete = everything and mode == "all"  # every record of a file still there was met
@@ -252,18 +254,20 @@ class _Misses:
         return len(self.at)
 
 
-def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Misses, list[bytes]]:
-    """The lstat pass, judging every file the cache knows: (order, misses, no_digest).
+def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order, _Misses, list[bytes], int]:
+    """The lstat pass, judging every file the cache knows, and every symlink
+    with a recorded target: (order, misses, no_digest, symlinks judged).
 
     ``order`` is what the next cache holds (:class:`_Order`).  Modified
-    files, and conffiles that count as modified without being read, go into
-    ``modified``.
+    files and symlinks, and conffiles that count as modified without being
+    read, go into ``modified``.
     """
     order = _Order()
     add = order.add
     misses = _Misses(dirs)
     no_digest: list[bytes] = []
-    lstat = os.lstat
+    links = 0
+    lstat, readlink = os.lstat, os.readlink
     isreg = stat.S_ISREG
     pack = _KEY.pack
     body, find, release = cache.body, cache.find, cache.release
@@ -284,6 +288,14 @@ def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order,
                     no_digest.append(base + name)
                 continue
             elif not everything:
+                continue
+            if algorithm == TARGET:
+                try:
+                    if readlink(real + name) != record_target(record):
+                        modified.add(base + name)
+                    links += 1
+                except OSError:
+                    pass  # gone, or not a symlink now: the walk judges the kind
                 continue
             try:
                 st = lstat(real + name)
@@ -309,7 +321,7 @@ def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order,
             if at > release_at:
                 release(at)
                 release_at = at + RELEASE_BYTES
-    return order, misses, no_digest
+    return order, misses, no_digest, links
 
 
 def _judge(misses: _Misses, prefix: bytes, stats, modified, workers) -> None:

@@ -11,7 +11,7 @@ from fakeroot import DebianRoot, md5hex
 
 from jwbackup import managers
 from jwbackup.errors import ManifestError
-from jwbackup.managers import FILE, Digest
+from jwbackup.managers import FILE, Digest, Entry
 from jwbackup.managers import dpkg
 from jwbackup.managers.dpkg import Dpkg
 from jwbackup.paths import Canonicalizer
@@ -228,7 +228,7 @@ def build_root(tmp_path) -> DebianRoot:
 def test_fake_root_files_are_owned_with_their_md5(tmp_path):
     manifest = Dpkg().manifest(build_root(tmp_path).root)
     tool = Digest("md5", md5hex(b"tool binary"))
-    assert manifest.get(b"/usr/bin/tool") == (FILE, "tool", tool, False, None)
+    assert manifest.get(b"/usr/bin/tool") == Entry(FILE, "tool", tool, False, None)
     assert manifest.get(b"/usr/sbin/tool-admin").digest == Digest("md5", md5hex(b"admin"))
     assert manifest.get(b"/var/lib/tool").kind is None  # a listed directory: dpkg records no type
     assert manifest.get(b"/").package  # "/." in the lists
@@ -264,7 +264,7 @@ def test_fake_multiarch_same_package_is_read_from_its_qualified_list(tmp_path):
 
 def test_fake_conffiles_are_flagged_with_their_md5(tmp_path):
     manifest = Dpkg().manifest(build_root(tmp_path).root)
-    assert manifest.get(b"/etc/tool.conf") == (FILE, "tool", Digest("md5", md5hex(b"a=1\n")), True, None)
+    assert manifest.get(b"/etc/tool.conf") == Entry(FILE, "tool", Digest("md5", md5hex(b"a=1\n")), True, None)
     spaced = manifest.get(b"/etc/spacey/my app.conf")
     assert spaced.conffile and spaced.digest == Digest("md5", md5hex(b"spaces"))
 
@@ -277,7 +277,7 @@ def test_fake_obsolete_conffiles_belong_to_the_admin(tmp_path):
 
 def test_fake_newconffile_is_a_conffile_without_digest(tmp_path):
     manifest = Dpkg().manifest(build_root(tmp_path).root)
-    assert manifest.get(b"/etc/spacey/fr\xe9sh.conf") == (FILE, "spacey", None, True, None)
+    assert manifest.get(b"/etc/spacey/fr\xe9sh.conf") == Entry(FILE, "spacey", None, True, None)
 
 
 def test_fake_non_utf8_names_are_kept_as_bytes(tmp_path):
@@ -299,7 +299,7 @@ def test_fake_package_diversion_moves_other_packages_file_and_keeps_the_diverter
     manifest = Dpkg().manifest(root.root)
     # alt-shell's /bin/sh was installed as /bin/sh.orig; shell's own /bin/sh stays.
     alternative = Digest("md5", md5hex(b"alternative shell"))
-    assert manifest.get(b"/usr/bin/sh.orig") == (FILE, "alt-shell", alternative, False, None)
+    assert manifest.get(b"/usr/bin/sh.orig") == Entry(FILE, "alt-shell", alternative, False, None)
     assert file_md5(root.path(b"/usr/bin/sh.orig")) == md5hex(b"alternative shell")
     assert manifest.get(b"/usr/bin/sh").package == "shell"
     assert manifest.get(b"/usr/bin/sh").digest == Digest("md5", md5hex(b"real shell"))
@@ -334,7 +334,7 @@ def test_fake_garbage_md5sums_line_leaves_that_file_without_digest(tmp_path):
         f.write(b"0123456789abcdef  bin/tool\n" + good.replace(b"  bin/tool\n", b"  \n"))
     manifest = Dpkg().manifest(root.root)
     assert any("tool.md5sums, line 1" in w for w in manifest.warnings), manifest.warnings
-    assert manifest.get(b"/usr/bin/tool") == (None, "tool", None, False, None)
+    assert manifest.get(b"/usr/bin/tool") == Entry(None, "tool", None, False, None)
     assert manifest.get(b"/usr/sbin/tool-admin").digest == Digest("md5", md5hex(b"admin"))
 
 

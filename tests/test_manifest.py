@@ -23,6 +23,8 @@ ENTRIES = {
     b"/run/tool.fifo": Entry(OTHER, "app-misc/tool-1"),
     b"/usr/bin/other": Entry(FILE, "other", Digest("sha256", hashlib.sha256(b"x").hexdigest())),
     b"/usr/bin/nodigest": Entry(FILE, "other"),
+    b"/usr/lib/libt.so": Entry(SYMLINK, "app-misc/tool-1", mtime=1_700_000_000, target=b"libt.so.1"),
+    b"/usr/lib/odd": Entry(SYMLINK, "app-misc/tool-1", target=b"../a \n\xff->b"),  # no mtime recorded
 }
 
 
@@ -52,6 +54,13 @@ def test_a_digest_that_cannot_be_stored_is_refused_and_changes_nothing(digest):
     assert dict(manifest.items()) == {b"/usr/bin/tool": ENTRIES[b"/usr/bin/tool"]}
 
 
+@pytest.mark.parametrize("entry", [Entry(FILE, "tool", target=b"x"), Entry(SYMLINK, "tool", md5(b"x"), target=b"x"),
+                                   Entry(SYMLINK, "tool", target=b"")])
+def test_a_target_is_refused_but_for_a_symlink_without_a_digest(entry):
+    with pytest.raises(ValueError):
+        Manifest({b"/usr/bin/tool": entry})
+
+
 def test_an_mtime_beyond_64_bits_is_refused():
     with pytest.raises(ValueError, match="out of range"):
         Manifest({b"/usr/bin/tool": Entry(FILE, "tool", mtime=1 << 63)})
@@ -61,7 +70,9 @@ def test_dropping_the_digests_keeps_kinds_packages_and_conffile_marks():
     entries = {**ENTRIES, b"/usr/bin/tool2": Entry(FILE, "tool", md5(b"tool2"))}
     manifest = Manifest(entries)
     manifest.drop_digests()
-    assert dict(manifest.items()) == {path: entry._replace(digest=None, mtime=None) for path, entry in entries.items()}
+    assert dict(manifest.items()) == {
+        path: entry._replace(digest=None, mtime=None, target=None) for path, entry in entries.items()
+    }
     record = manifest.record  # what is left is shared, as for entries that never had a digest
     assert record(b"/usr/bin/tool") is record(b"/usr/bin/tool2") is not record(b"/etc/tool.conf")
 

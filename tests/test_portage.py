@@ -121,7 +121,8 @@ def test_manifest_records_md5_and_mtime_of_files_and_symlinks(gentoo):
     assert foo.mtime == MTIME
     assert manifest.get(b"/usr/share/foo/read me.txt").digest == md5(b"spaces in the name\n")
     link = manifest.get(b"/usr/bin/foo -> alias")
-    assert (link.digest, link.mtime) == (None, MTIME)
+    assert (link.digest, link.mtime, link.target) == (None, MTIME, b"foo")
+    assert manifest.get(b"/usr/bin/f").target == b"read me"
     assert manifest.get(b"/var/lib/foo").mtime is None
 
 

@@ -276,6 +276,28 @@ def test_portage_modified_file_is_kept_even_with_its_recorded_mtime_put_back(jwb
     assert stats(stderr)["modified"] == 2
 
 
+def test_portage_symlink_the_admin_pointed_elsewhere_is_kept(jwbackup, tmp_path):
+    root = GentooRoot(tmp_path / "gentoo")
+    root.package("dev-libs/foo-1.0", symlinks={
+        b"/usr/lib/libfoo.so": b"libfoo.so.1", b"/usr/lib/libbar.so": b"libbar.so.1",
+        b"/etc/foo/active": b"one.conf", b"/etc/foo/spare": b"two.conf",
+    })
+    root.profile_env(CONFIG_PROTECT="/etc")
+    root.write()
+    for path, target in [(b"/usr/lib/libfoo.so", b"/opt/foo/libfoo.so"), (b"/etc/foo/active", b"two.conf")]:
+        os.unlink(root.join(path))
+        os.symlink(target, root.join(path))
+    selected, stderr = files(jwbackup, os.fsencode(root.path), tmp_path)
+    assert {b"/usr/lib/libfoo.so", b"/etc/foo/active"} <= set(selected)
+    assert not {b"/usr/lib/libbar.so", b"/etc/foo/spare"} & set(selected)
+    assert stats(stderr)["modified"] == 2 and stats(stderr)["checked"] == 4
+    rules = jwbackup("-c", tmp_path / "jwbackup.yaml", "--root", root.path, "excludes", "-0").stdout.split(b"\0")
+    assert root.join(b"/usr/lib/libbar.so") in rules and root.join(b"/usr/lib/libfoo.so") not in rules
+    # verify: none judges nothing by its target; conffiles still count as modified
+    selected, _ = files(jwbackup, os.fsencode(root.path), tmp_path, extra="verify: none\n")
+    assert {b"/etc/foo/active", b"/etc/foo/spare"} <= set(selected) and b"/usr/lib/libfoo.so" not in selected
+
+
 def test_portage_manifest_through_the_api_feeds_the_verification(gentoo):
     manifest = Portage().manifest(str(gentoo.path))
     assert manifest.get(b"/etc/foo.conf").conffile

@@ -54,6 +54,7 @@ class Entry(NamedTuple):
     digest: Digest | None = None
     conffile: bool = False
     mtime: int | None = None  # seconds, where the manager records it (portage)
+    target: bytes | None = None  # a symlink's target, where the manager records it (portage)
 
 
 # -- records: how a manifest stores an Entry ---------------------------------------
@@ -65,17 +66,21 @@ class Entry(NamedTuple):
 #     flags (1 byte) | package number (uint32 LE) | raw digest | mtime (int64 LE)
 #
 # flags = kind code | CONFFILE | HAS_MTIME | algorithm code << 5.  The digest
-# and the mtime are there only when the flags say so.  A regular file with an
-# md5 costs one 21-byte record; records without a digest are shared (all the
-# directories of a package are one object).  The walk and the verification read records
-# directly; everyone else gets Entry tuples.
+# and the mtime are there only when the flags say so.  A symlink's recorded
+# target takes the algorithm code TARGET and ends the record, after the
+# mtime: the verification compares it with ``readlink``, as it compares a
+# file's digest with its content.  A regular file with an md5 costs one
+# 21-byte record; records without a digest or target are shared (all the
+# directories of a package are one object).  The walk and the verification
+# read records directly; everyone else gets Entry tuples.
 
 KINDS = (None, FILE, DIR, SYMLINK, OTHER)  # index: kind code
 KIND_MASK = 0x07
 CONFFILE = 0x08
 HAS_MTIME = 0x10
 ALGORITHMS = (None, "md5", "sha1", "sha256", "sha512")  # index: flags >> 5
-DIGEST_SIZES = (0, 16, 20, 32, 64)
+DIGEST_SIZES = (0, 16, 20, 32, 64, 0)  # and TARGET's: none, the target follows the mtime
+TARGET = len(ALGORITHMS)  # the algorithm code of a record holding a symlink's target
 MD5_FILE = KINDS.index(FILE) | ALGORITHMS.index("md5") << 5  # the flags of most records
 FREEZE_BATCH = 2048  # directories a builder changes before it freezes them (see Manifest)
 RECORD_FORMAT = 1  # the layout above; kept manifests of another are read again
@@ -92,7 +97,17 @@ def record_digest(record: bytes) -> bytes:
 
 
 def record_algorithm(record: bytes) -> str | None:
-    return ALGORITHMS[record[0] >> 5]
+    """The digest algorithm of a record (None without a digest)."""
+    code = record[0] >> 5
+    return ALGORITHMS[code] if code != TARGET else None
+
+
+def record_target(record: bytes) -> bytes | None:
+    """The symlink target a record holds, or None."""
+    flags = record[0]
+    if flags >> 5 != TARGET:
+        return None
+    return record[DIGEST_AT + _MTIME.size:] if flags & HAS_MTIME else record[DIGEST_AT:]
 
 
 def split(path: bytes) -> tuple[bytes, bytes]:
@@ -176,6 +191,11 @@ class Manifest(MutableMapping):
                 raise ValueError(f"mtime {entry.mtime} out of range")
             flags |= HAS_MTIME
             tail += _MTIME.pack(entry.mtime)
+        if entry.target is not None:
+            if entry.digest is not None or entry.kind != SYMLINK or not entry.target:
+                raise ValueError("a target is recorded for a symlink alone, without a digest, and is not empty")
+            flags |= TARGET << 5
+            tail += entry.target
         record = self.head(flags, entry.package) + tail
         return record if tail else self._shared.setdefault(record, record)
 
@@ -237,7 +257,7 @@ class Manifest(MutableMapping):
         self.changed.clear()
 
     def drop_digests(self) -> None:
-        """Forget the digests and mtimes; kinds, packages and conffile marks stay.
+        """Forget the digests, symlink targets and mtimes; kinds, packages and conffile marks stay.
 
         For the walk, once verification is over: it reads kinds only, and at
         1M paths the digests take 30 MB.  Afterwards the entries say
@@ -265,7 +285,7 @@ class Manifest(MutableMapping):
     def entry(self, record: bytes) -> Entry:
         """The :class:`Entry` a record stands for."""
         flags, number = _HEAD.unpack_from(record)
-        algorithm = ALGORITHMS[flags >> 5]
+        algorithm = record_algorithm(record)
         digest = record_digest(record)
         return Entry(
             kind=KINDS[flags & KIND_MASK],
@@ -273,6 +293,7 @@ class Manifest(MutableMapping):
             digest=Digest(algorithm, digest.hex()) if algorithm else None,
             conffile=bool(flags & CONFFILE),
             mtime=_MTIME.unpack_from(record, DIGEST_AT + len(digest))[0] if flags & HAS_MTIME else None,
+            target=record_target(record),
         )
 
     def get(self, path: bytes, default: Entry | None = None) -> Entry | None:

@@ -224,6 +224,7 @@ def _add_contents(manifest, cpv, contents, root_len, protect, canonical, content
                 digest=Digest("md5", data[2].lower()) if kind == FILE else None,
                 conffile=kind in (FILE, SYMLINK) and bool(protect.isprotected(key)),
                 mtime=_int(data[1]) if kind in (FILE, SYMLINK) else None,
+                target=_target(data) if kind == SYMLINK else None,
             )
         except ValueError:  # an md5 that is not 32 hex digits: the file is backed up
             bad_digests += 1
@@ -235,6 +236,13 @@ def _add_contents(manifest, cpv, contents, root_len, protect, canonical, content
             manifest,
             f"{contents_file}: {undecodable} names are not valid UTF-8; those files are backed up",
         )
+
+
+def _target(data: tuple) -> bytes | None:
+    """The target a ``sym`` entry records, as ``readlink`` gives it; None when
+    unknown (a name portage could not decode is not the one on disk)."""
+    target = data[2] if len(data) > 2 else ""
+    return os.fsencode(target) if target and "\ufffd" not in target else None
 
 
 def _import_portage():
