@@ -267,7 +267,7 @@ def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order,
     misses = _Misses(dirs)
     no_digest: list[bytes] = []
     links = 0
-    lstat, readlink = os.lstat, os.readlink
+    stat_at, readlink, close = os.stat, os.readlink, os.close
     isreg = stat.S_ISREG
     pack = _KEY.pack
     body, find, release = cache.body, cache.find, cache.release
@@ -275,53 +275,76 @@ def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order,
     release_at = at + RELEASE_BYTES
     everything = mode == "all"
     for base, names, records in listing:
-        real = prefix + base
-        for k, name, record in zip(count(), names, records):
-            flags = record[0]
-            algorithm = flags >> 5  # 0: no digest recorded
-            if flags & CONFFILE:
-                if not algorithm or mode == "none":
-                    modified.add(base + name)
-                    continue
-            elif not algorithm:
-                if everything and flags & KIND_MASK != _DIR:
-                    no_digest.append(base + name)
-                continue
-            elif not everything:
-                continue
-            if algorithm == TARGET:
-                try:
-                    if readlink(real + name) != record_target(record):
+        # Names are looked up in the directory, opened at its first file to
+        # judge: cheaper than a path from the root each time.
+        fd = _UNOPENED
+        try:
+            for k, name, record in zip(count(), names, records):
+                flags = record[0]
+                algorithm = flags >> 5  # 0: no digest recorded
+                if flags & CONFFILE:
+                    if not algorithm or mode == "none":
                         modified.add(base + name)
-                    links += 1
-                except OSError:
-                    pass  # gone, or not a symlink now: the walk judges the kind
-                continue
-            try:
-                st = lstat(real + name)
-            except OSError:
-                continue  # not there: nothing to judge, the walk will not meet it
-            if not isreg(st.st_mode):
-                continue  # another kind now: the walk keeps it anyway
-            if algorithm != _CACHED_CODE:
-                misses.add(base, k, st.st_size, False)
-                continue
-            key = pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            if body.find(key, at, at + _KEY.size) != at:
-                found = find(key)
-                if found < 0:
-                    add(-1 - misses.add(base, k, st.st_size, True))
-                    at += _RECORD.size  # past the record this file had, if it had one
+                        continue
+                elif not algorithm:
+                    if everything and flags & KIND_MASK != _DIR:
+                        no_digest.append(base + name)
                     continue
-                at = found
-            add(at)
-            if body[at + _KEY.size:at + _RECORD.size] != record[DIGEST_AT:_CACHED_END]:
-                modified.add(base + name)
-            at += _RECORD.size
-            if at > release_at:
-                release(at)
-                release_at = at + RELEASE_BYTES
+                elif not everything:
+                    continue
+                if fd == _UNOPENED:
+                    fd = _open_directory(prefix + base)
+                if fd < 0:
+                    continue  # not there, or not a directory: nothing in it to judge
+                if algorithm == TARGET:
+                    try:
+                        if readlink(name, dir_fd=fd) != record_target(record):
+                            modified.add(base + name)
+                        links += 1
+                    except OSError:
+                        pass  # gone, or not a symlink now: the walk judges the kind
+                    continue
+                try:
+                    st = stat_at(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    continue  # not there: nothing to judge, the walk will not meet it
+                if not isreg(st.st_mode):
+                    continue  # another kind now: the walk keeps it anyway
+                if algorithm != _CACHED_CODE:
+                    misses.add(base, k, st.st_size, False)
+                    continue
+                key = pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                if body.find(key, at, at + _KEY.size) != at:
+                    found = find(key)
+                    if found < 0:
+                        add(-1 - misses.add(base, k, st.st_size, True))
+                        at += _RECORD.size  # past the record this file had, if it had one
+                        continue
+                    at = found
+                add(at)
+                if body[at + _KEY.size:at + _RECORD.size] != record[DIGEST_AT:_CACHED_END]:
+                    modified.add(base + name)
+                at += _RECORD.size
+                if at > release_at:
+                    release(at)
+                    release_at = at + RELEASE_BYTES
+        finally:
+            if fd >= 0:
+                close(fd)
     return order, misses, no_digest, links
+
+
+_UNOPENED, _UNOPENABLE = -1, -2
+_DIRECTORY_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _open_directory(path: bytes) -> int:
+    """An fd to look names up in (symlinks on the way followed, as lstat of a
+    path under it would), or _UNOPENABLE."""
+    try:
+        return os.open(path, _DIRECTORY_FLAGS)
+    except OSError:
+        return _UNOPENABLE
 
 
 def _judge(misses: _Misses, prefix: bytes, stats, modified, workers) -> None:

@@ -10,6 +10,7 @@ import glob
 import hashlib
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -157,6 +158,26 @@ def test_package_upgrade_changes_the_recorded_digest_and_the_verdict_follows(deb
     verifier = verify.check(load_manifest(debian.root), debian.root)
     assert verifier.modified == {b"/usr/bin/tool"}
     assert verifier.stats.hashed == 0  # the cached digest of the file, compared with the new record
+
+
+def test_package_directories_gone_flattened_or_linked_elsewhere_are_judged_through_their_paths(tmp_path):
+    root = DebianRoot(tmp_path / "system")
+    root.package("spread", files={b"/usr/share/gone/a": b"a", b"/usr/share/flat/b": b"b",
+                                  b"/usr/share/moved/c": b"c", b"/usr/share/moved/d": b"d"})
+    root.write()
+    manifest = load_manifest(root.root)  # read before the changes, so that its paths are the old ones
+    shutil.rmtree(root.path(b"/usr/share/gone"))
+    shutil.rmtree(root.path(b"/usr/share/flat"))
+    with open(root.path(b"/usr/share/flat"), "wb") as f:
+        f.write(b"a file where the directory was")
+    os.makedirs(root.path(b"/srv"))
+    os.rename(root.path(b"/usr/share/moved"), root.path(b"/srv/moved"))  # moved, and linked back
+    os.symlink("../../srv/moved", root.path(b"/usr/share/moved"))
+    with open(root.path(b"/srv/moved/c"), "ab") as f:
+        f.write(b" changed")
+    verifier = verify.check(manifest, root.root, cache_file=None)
+    assert verifier.modified == {b"/usr/share/moved/c"}  # as lstat of its path finds it
+    assert verifier.stats.checked == 2
 
 
 DAMAGES = {
