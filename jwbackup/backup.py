@@ -130,7 +130,7 @@ def _build(cfg: Config, t, repo: Repository, root: str, selector, latest: str | 
 
         def send(listed):
             return rsync.transfer(argv, listed, env=t.env(), progress=progress, pass_fds=fds,
-                                  secrets=[dest.password] if dest.password else [])
+                                  secrets=[dest.password] if dest.password else [], dry_run=dry_run)
 
         if builder == transfer.REMOTE:
             return builder, remote.build(repo, os.fsencode(root), paths, latest, partial, previous["started_ns"], send)

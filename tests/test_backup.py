@@ -59,6 +59,22 @@ def test_second_generation_links_unchanged_files_and_copies_changed_ones(jwbacku
     assert os.readlink(system.dest / "latest") == second
 
 
+def test_dry_run_after_a_generation_lists_what_would_be_copied_and_writes_nothing(jwbackup, system):
+    system.configure()
+    backup(jwbackup, system)
+    (first,) = system.generations()
+    before = tree_state(system.dest)
+    system.write(b"/home/alice/notes.txt", b"remember the milk and the eggs\n")
+    system.write(b"/home/alice/projects/new.txt", b"new\n")  # in a directory the generation lacks
+    result = backup(jwbackup, system, "--dry-run")
+    itemized = result.stdout.splitlines()
+    assert any(line.startswith(b">f") and line.endswith(b"home/alice/notes.txt") for line in itemized)
+    assert any(line.startswith(b">f+++") and line.endswith(b"home/alice/projects/new.txt") for line in itemized)
+    assert not any(line.endswith(b"etc/hostname") for line in itemized)  # unchanged: would be linked
+    assert result.stderr == b""  # no warning: rsync's dry run has nothing to complain about
+    assert system.generations() == [first] and tree_state(system.dest) == before
+
+
 def test_modified_conffile_is_backed_up(jwbackup, system):
     system.configure()
     system.write(b"/etc/tool.conf", b"setting = 2\n")
