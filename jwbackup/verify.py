@@ -204,9 +204,9 @@ class _Order:
         return sum(self.counts)
 
     def __iter__(self) -> Iterator[int]:
-        for first, count in zip(self.firsts, self.counts):
+        for first, length in zip(self.firsts, self.counts):
             step = _RECORD.size if first >= 0 else -1
-            yield from range(first, first + count * step, step)
+            yield from range(first, first + length * step, step)
 
 
 class _Misses:
