@@ -115,7 +115,7 @@ def _build(cfg: Config, t, repo: Repository, root: str, selector, latest: str | 
            link_dests: list[str], *, dry_run: bool, progress: bool, source: str) -> tuple[str, rsync.Result]:
     """Build ``partial`` with the builder :func:`transfer.choose` picks: (builder, outcome)."""
     dest = cfg.destination
-    previous = repo.read_stats().get(latest) if latest and dest.remote else None
+    previous = repo.read_stats().get(latest) if latest and (dest.remote or dry_run) else None
     builder, why = transfer.choose(cfg.transfer, dest, repo.path(partial), link_dests, dry_run=dry_run,
                                    previous=previous, source=source)
     logger.info("backing up %s to %s with %s (%s)", ", ".join(cfg.roots), _where(t, repo.path(partial)), builder, why)
@@ -132,8 +132,9 @@ def _build(cfg: Config, t, repo: Repository, root: str, selector, latest: str | 
             return rsync.transfer(argv, listed, env=t.env(), progress=progress, pass_fds=fds,
                                   secrets=[dest.password] if dest.password else [], dry_run=dry_run)
 
-        if builder == transfer.REMOTE:
-            return builder, remote.build(repo, os.fsencode(root), paths, latest, partial, previous["started_ns"], send)
+        if builder in (transfer.REMOTE, transfer.PREVIEW):
+            return builder, remote.build(repo, os.fsencode(root), paths, latest, partial, previous["started_ns"], send,
+                                         dry_run=dry_run)
         return builder, send(paths)
 
 

@@ -59,19 +59,27 @@ def test_second_generation_links_unchanged_files_and_copies_changed_ones(jwbacku
     assert os.readlink(system.dest / "latest") == second
 
 
-def test_dry_run_after_a_generation_lists_what_would_be_copied_and_writes_nothing(jwbackup, system):
-    system.configure()
+@pytest.mark.parametrize("where, extra, builder", [
+    ("local", "", "rsync on what changed (dry run, unchanged entries judged against"),
+    ("local", "transfer: rsync\n", "rsync (transfer: rsync)"),
+    ("ssh", "", "rsync on what changed (dry run, unchanged entries judged against"),
+])
+def test_dry_run_after_a_generation_lists_what_would_be_copied_and_writes_nothing(
+        jwbackup, system, tmp_path, request, where, extra, builder):
+    destination = ssh_destination(request.getfixturevalue("sshd")) if where == "ssh" else ""
+    system.configure(destination=destination, extra=extra)
     backup(jwbackup, system)
     (first,) = system.generations()
     before = tree_state(system.dest)
     system.write(b"/home/alice/notes.txt", b"remember the milk and the eggs\n")
     system.write(b"/home/alice/projects/new.txt", b"new\n")  # in a directory the generation lacks
     result = backup(jwbackup, system, "--dry-run")
-    itemized = result.stdout.splitlines()
-    assert any(line.startswith(b">f") and line.endswith(b"home/alice/notes.txt") for line in itemized)
-    assert any(line.startswith(b">f+++") and line.endswith(b"home/alice/projects/new.txt") for line in itemized)
+    itemized = result.stdout.splitlines()  # rsync's "<f" (sent to the host) or ">f" (copied here)
+    assert any(line[1:2] == b"f" and line.endswith(b" home/alice/notes.txt") for line in itemized)
+    assert any(line[1:5] == b"f+++" and line.endswith(b" home/alice/projects/new.txt") for line in itemized)
     assert not any(line.endswith(b"etc/hostname") for line in itemized)  # unchanged: would be linked
     assert result.stderr == b""  # no warning: rsync's dry run has nothing to complain about
+    assert f"with {builder}" in (tmp_path / "jwbackup.log").read_text()
     assert system.generations() == [first] and tree_state(system.dest) == before
 
 

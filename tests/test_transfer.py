@@ -28,7 +28,7 @@ from backupenv import System
 from jwbackup import rsync
 from jwbackup.managers import Manifest
 from jwbackup.select import Selector
-from jwbackup.transfer import LINKER, REMOTE, RSYNC, choose, probe_filesystem
+from jwbackup.transfer import LINKER, PREVIEW, REMOTE, RSYNC, choose, probe_filesystem
 from jwbackup.repository import Repository
 from jwbackup.transfer import remote
 from jwbackup.transfer.linker import build, read_attrs
@@ -472,9 +472,12 @@ def test_choice_uses_the_linker_for_a_capable_local_filesystem_and_remote_after_
     assert choose("auto", remote, target, [str(gen)], previous=record, source="other:/")[0] == RSYNC
     assert choose("auto", remote, target, [str(gen)], previous={**record, "incomplete": True}, source="host:/")[0] == RSYNC
     assert choose("auto", remote, target, [str(gen)], previous={"name": gen.name}, source="host:/")[0] == RSYNC
-    assert choose("auto", remote, target, [str(gen)], dry_run=True, previous=record, source="host:/")[0] == RSYNC
+    assert choose("auto", remote, target, [str(gen)], dry_run=True, previous=record, source="host:/")[0] == PREVIEW
+    assert choose("auto", local, target, [str(gen)], dry_run=True, previous=record, source="host:/")[0] == PREVIEW
     assert choose("rsync", remote, target, [str(gen)], previous=record, source="host:/")[0] == RSYNC
-    assert choose("auto", local, target, [str(gen)], dry_run=True)[0] == RSYNC
+    assert choose("rsync", local, target, [str(gen)], dry_run=True, previous=record, source="host:/")[0] == RSYNC
+    assert choose("auto", local, target, [str(gen)], dry_run=True)[0] == RSYNC  # no record of the previous run
+    assert choose("auto", local, target, [str(gen)], dry_run=True, previous=record, source="other:/")[0] == RSYNC
     assert choose("auto", local, target, [str(tmp_path)])[0] == RSYNC  # not a generation
     assert probe_filesystem(str(tmp_path)) is None
     assert os.listdir(tmp_path) == [gen.name]  # the probe left nothing behind

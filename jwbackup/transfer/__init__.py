@@ -3,7 +3,7 @@
 ``transfer: auto`` (the default) uses :mod:`jwbackup.transfer.linker` when the
 destination is a local directory on a filesystem with hard links, xattrs and
 POSIX ACLs, and every link-dest is a jwbackup generation on that same
-filesystem; otherwise (and for dry runs) rsync, except as below for ssh.
+filesystem; otherwise rsync, except as below for ssh and dry runs.
 ``transfer: rsync`` always uses rsync.  Every builder builds the generation
 rsync would (``tests/test_transfer.py`` proves it against the real rsync).
 
@@ -11,6 +11,10 @@ ssh destinations use :mod:`jwbackup.transfer.remote` when the newest
 generation's record says when its run started and that it backed up the same
 source: a hard-linked copy of that generation at the destination, and rsync
 for what changed.  Otherwise rsync over the whole selection.
+
+A dry run, local or over ssh, plans the same way when that record allows and
+hands rsync's own dry run only the paths the ssh builder would send: the
+unchanged ones would be hard-linked, and rsync would say nothing of them.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ AUTO = "auto"
 RSYNC = "rsync"
 LINKER = "linker"
 REMOTE = "remote"
+PREVIEW = "rsync on what changed"  # a dry run planned as REMOTE plans
 MODES = (AUTO, RSYNC)
 PROBE_PREFIX = ".jwbackup-probe-"
 
-__all__ = ["AUTO", "RSYNC", "LINKER", "REMOTE", "MODES", "choose", "build", "probe_filesystem"]
+__all__ = ["AUTO", "RSYNC", "LINKER", "REMOTE", "PREVIEW", "MODES", "choose", "build", "probe_filesystem"]
 
 
 def _is_generation(path: str) -> bool:
@@ -87,6 +92,19 @@ def probe_filesystem(directory: str) -> str | None:
                 pass
 
 
+def _unplannable(previous: dict | None, source: str | None) -> str | None:
+    """Why the newest generation's record (``.stats``) cannot be planned
+    against (see :mod:`jwbackup.transfer.remote`), or None."""
+    if not previous:
+        return "no earlier generation with a record"
+    if not isinstance(previous.get("started_ns"), int) or previous.get("source") != source:
+        return f"{previous.get('name')} was not made by this version from {source}"
+    if previous.get("incomplete"):
+        # rsync would try again what it could not copy then, and say so
+        return f"{previous.get('name')} was committed with files or attributes missing"
+    return None
+
+
 def choose(mode: str, destination, target: str, link_dests: Sequence[str], dry_run: bool = False,
            previous: dict | None = None, source: str | None = None) -> tuple[str, str]:
     """(``LINKER``, ``REMOTE`` or ``RSYNC``, why) for building ``target`` against ``link_dests``.
@@ -96,17 +114,14 @@ def choose(mode: str, destination, target: str, link_dests: Sequence[str], dry_r
     """
     if mode == RSYNC:
         return RSYNC, "transfer: rsync"
-    if dry_run:
-        return RSYNC, "dry run"
-    if destination.remote:
-        if not previous:
-            return RSYNC, "over ssh, no earlier generation with a record"
-        if not isinstance(previous.get("started_ns"), int) or previous.get("source") != source:
-            return RSYNC, f"over ssh, {previous.get('name')} was not made by this version from {source}"
-        if previous.get("incomplete"):
-            # rsync would try again what it could not copy then, and say so
-            return RSYNC, f"over ssh, {previous.get('name')} was committed with files or attributes missing"
-        return REMOTE, f"over ssh, unchanged entries kept from {previous.get('name')}"
+    if dry_run or destination.remote:
+        how = "dry run" if dry_run else "over ssh"
+        why = _unplannable(previous, source)
+        if why is not None:
+            return RSYNC, f"{how}, {why}"
+        if dry_run:
+            return PREVIEW, f"dry run, unchanged entries judged against {previous['name']}"
+        return REMOTE, f"over ssh, unchanged entries kept from {previous['name']}"
     directory = os.path.dirname(target.rstrip("/"))
     if os.path.lexists(target):
         return RSYNC, f"{target} exists already"

@@ -137,8 +137,11 @@ def _removals(previous: dict[bytes, tuple], keep: set[bytes], dirs: set[bytes]) 
 
 
 def build(repo, root: bytes, paths: Iterable[bytes], previous: str, partial: str, started_ns: int,
-          send: Callable[[Iterable[bytes]], Result]) -> Result:
+          send: Callable[[Iterable[bytes]], Result], dry_run: bool = False) -> Result:
     """Build ``partial`` from generation ``previous`` of ``repo``; ``send`` runs rsync on a list of paths.
+
+    ``dry_run``: plan only; ``send`` (an rsync dry run) gets the paths to
+    send, and nothing is copied or removed.
 
     If ``previous`` cannot be listed or copied (another process removed it
     meanwhile), rsync gets every path, as it would without this builder.
@@ -155,15 +158,20 @@ def build(repo, root: bytes, paths: Iterable[bytes], previous: str, partial: str
         work = plan(root, paths, listing, started_ns)
     except Exception as exc:  # the walk failed: the selection is incomplete
         return Result(0, Stats(), walk_error=exc)
-    logger.info("%d unchanged entries kept from %s, %d paths to rsync, %d entries to remove first",
-                len(work.kept), previous, len(work.send), len(work.remove))
+    if dry_run:
+        logger.info("dry run: %d unchanged entries would be linked from %s, %d paths go to rsync",
+                    len(work.kept), previous, len(work.send))
+    else:
+        logger.info("%d unchanged entries kept from %s, %d paths to rsync, %d entries to remove first",
+                    len(work.kept), previous, len(work.send), len(work.remove))
     logger.debug("planned in %.2f s", time.monotonic() - sorted_at)
-    try:
-        repo.prepare(previous, partial, work.remove)
-    except CommandError as exc:
-        logger.warning("cannot copy %s (%s); rsync gets every path", previous, exc)
-        repo.remove(partial)  # a half copy shares inodes with the previous generation: never write into it
-        return send(sorted(work.send + work.kept))
+    if not dry_run:
+        try:
+            repo.prepare(previous, partial, work.remove)
+        except CommandError as exc:
+            logger.warning("cannot copy %s (%s); rsync gets every path", previous, exc)
+            repo.remove(partial)  # a half copy shares inodes with the previous generation: never write into it
+            return send(sorted(work.send + work.kept))
     result = send(work.send)
     s = result.stats
     s.files += len(work.kept)
