@@ -227,7 +227,8 @@ def transfer(
     if collector.dropped:
         collector.lines.append(f"... and {collector.dropped} more lines")
     logger.debug("rsync exited %d after %d paths", returncode, feeder.count)
-    if collector.ignored and returncode == PARTIAL and all(l.startswith(_PARTIAL_SUMMARY) for l in collector.lines):
+    only_summary_left = all(line.startswith(_PARTIAL_SUMMARY) for line in collector.lines)
+    if collector.ignored and returncode == PARTIAL and only_summary_left:
         logger.debug("rsync's %d complaints of its dry run about directories it did not create are left out",
                      collector.ignored)
         returncode, collector.lines = 0, []

@@ -107,7 +107,7 @@ def _unplannable(previous: dict | None, source: str | None) -> str | None:
 
 def choose(mode: str, destination, target: str, link_dests: Sequence[str], dry_run: bool = False,
            previous: dict | None = None, source: str | None = None) -> tuple[str, str]:
-    """(``LINKER``, ``REMOTE`` or ``RSYNC``, why) for building ``target`` against ``link_dests``.
+    """(``LINKER``, ``REMOTE``, ``PREVIEW`` or ``RSYNC``, why) for building ``target`` against ``link_dests``.
 
     ``previous`` is the newest generation's record (``.stats``), ``source``
     what this run backs up (host and root).
