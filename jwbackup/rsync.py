@@ -213,7 +213,7 @@ def transfer(
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
         pass_fds=tuple(pass_fds),
     )
     feeder = _Feeder(paths, proc.stdin)
@@ -242,9 +242,10 @@ except (OSError, AttributeError):
     _prctl = None
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM rsync when jwbackup dies (even by SIGKILL), so no
-    orphan keeps writing into the ``.partial`` after the lock is gone."""
+def die_with_parent() -> None:
+    """In a child (rsync, the linker's helper): SIGTERM it when jwbackup dies
+    (even by SIGKILL), so no orphan keeps writing into the ``.partial`` after
+    the lock is gone."""
     if _prctl is None:
         return
     parent = os.getppid()

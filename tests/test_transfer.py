@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -31,7 +33,7 @@ from jwbackup.select import Selector
 from jwbackup.transfer import LINKER, PREVIEW, REMOTE, RSYNC, choose, probe_filesystem
 from jwbackup.repository import Repository
 from jwbackup.transfer import remote
-from jwbackup.transfer.linker import build, read_attrs
+from jwbackup.transfer.linker import Linker, _helpers_share, _parts, build, read_attrs
 from jwbackup.transport import Local
 
 MTIME = 1_600_000_000_123_456_789
@@ -70,8 +72,18 @@ def build_rsync(src: Path, target: Path, link_dests: list[Path], paths: list[byt
     return rsync.transfer(argv, paths)
 
 
-def build_linker(src: Path, target: Path, link_dests: list[Path], paths: list[bytes]) -> rsync.Result:
-    return build(str(src), paths, str(target), [str(d) for d in link_dests])
+def build_linker(src: Path, target: Path, link_dests: list[Path], paths: list[bytes],
+                 helper: bool | None = None) -> rsync.Result:
+    return build(str(src), paths, str(target), [str(d) for d in link_dests], helper=helper)
+
+
+def build_linker_alone(src: Path, target: Path, link_dests: list[Path], paths: list[bytes]) -> rsync.Result:
+    return build_linker(src, target, link_dests, paths, helper=False)
+
+
+def build_linker_helped(src: Path, target: Path, link_dests: list[Path], paths: list[bytes]) -> rsync.Result:
+    """With a helper process from the first entry on, whatever the machine."""
+    return build_linker(src, target, link_dests, paths, helper=True)
 
 
 STARTED: dict[Path, int] = {}  # when each generation's build started, as a run records it
@@ -297,8 +309,9 @@ def world(tmp_path):
 
 def test_linker_and_remote_build_what_rsync_link_dest_builds_through_every_kind_of_change(world, caplog):
     tmp, src = world
-    chains = {"rsync": [], "linker": [], "remote": []}
-    builders = {"rsync": build_rsync, "linker": build_linker, "remote": build_remote}
+    builders = {"rsync": build_rsync, "linker": build_linker_alone, "helped": build_linker_helped,
+                "remote": build_remote}
+    chains = {way: [] for way in builders}
     time.sleep(remote.MARGIN_NS / 1e9)  # the initial tree is older than the margin: keepable from the start
     caplog.set_level("INFO", logger="jwbackup.transfer.remote")
     for step, change in enumerate([step_none, step_changes, step_more, step_none]):
@@ -308,14 +321,16 @@ def test_linker_and_remote_build_what_rsync_link_dest_builds_through_every_kind_
             time.sleep(remote.MARGIN_NS / 1e9)  # so that step 3 finds nothing changed near gen2's start
         paths = selection(src)
         before = {way: [frozen(g) for g in gens] for way, gens in chains.items()}
+        results = {}
         for way, gens in chains.items():
             target = tmp / way / f"gen{step}"
             target.parent.mkdir(exist_ok=True)
-            result = builders[way](src, target, list(reversed(gens[-2:])), paths)
+            results[way] = result = builders[way](src, target, list(reversed(gens[-2:])), paths)
             assert result.returncode == 0, (way, step, result.errors)
             gens.append(target)
+        assert results["helped"].stats == results["linker"].stats, step
         r = chains["rsync"]
-        for way in ("linker", "remote"):
+        for way in ("linker", "helped", "remote"):
             assert describe(chains[way][-1]) == describe(r[-1]), f"{way}, step {step}"
             assert structure(chains[way]) == structure(r), f"{way}, step {step}"
         for way, gens in chains.items():
@@ -446,13 +461,114 @@ def test_many_new_files_build_what_rsync_builds_and_close_every_descriptor(tmp_p
     assert describe(tmp_path / "by-linker") == describe(tmp_path / "by-rsync")
 
 
-def test_a_destination_filling_up_while_files_are_copied_stops_the_build_with_one_line(tmp_path, small):
+@pytest.mark.parametrize("helper", [False, True], ids=["alone", "helped"])
+def test_a_destination_filling_up_while_files_are_copied_stops_the_build_with_one_line(tmp_path, small, helper):
     src = tmp_path / "src"
     many_files(src, size=8192)  # 3 MiB into 1 MiB
     before = open_descriptors()
-    result = build_linker(src, small / "g1", [], selection(src))
+    result = build_linker(src, small / "g1", [], selection(src), helper=helper)
     assert not result.committable
     assert "No space left on device" in result.errors[0] and result.errors[0].startswith("linker: ")
+    assert open_descriptors() == before
+
+
+def hard_links_across(src: Path) -> list[bytes]:
+    """many_files, nested directories, and hard-link groups whose members lie in
+    directories of both processes; the paths of their members."""
+    many_files(src)
+    for a in range(6):
+        for b in range(6):
+            write(src / f"n{a}/m{b}/f", b"%d %d\n" % (a, b), mode=0o600 + b)
+        os.chmod(src / f"n{a}", 0o750)
+    members = []
+    for g in range(8):
+        first = src / f"d{g:02}/f0"
+        members.append(b"/d%02d/f0" % g)
+        for d in range(g + 1, 40, 7):
+            os.link(first, src / f"d{d:02}/link{g}")
+            members.append(b"/d%02d/link%d" % (d, g))
+    settle(src)
+    return members
+
+
+def test_a_helper_process_builds_what_one_process_and_rsync_build(tmp_path):
+    """The helper places the entries of half of the directories: hard-link groups
+    with members on both sides, directories made by both, and the counts, come
+    out as one process and rsync make them."""
+    src = tmp_path / "src"
+    members = hard_links_across(src)
+    shares = {_helpers_share(_parts(m)) for m in members}
+    assert shares == {True, False}
+    assert threading.active_count() == 1, threading.enumerate()  # else no helper starts
+    # directories handed to one process, with what is in them handed to the other
+    assert {_helpers_share((b"n%d" % a, b"m%d" % b)) != _helpers_share((b"n%d" % a, b"m%d" % b, b"f"))
+            for a in range(6) for b in range(6)} == {True, False}
+    paths = selection(src)
+    assert build_rsync(src, tmp_path / "rsync", [], paths).returncode == 0
+    before = open_descriptors()
+    alone = build_linker(src, tmp_path / "alone", [], paths, helper=False)
+    helped = build_linker(src, tmp_path / "helped", [], paths, helper=True)
+    assert alone.returncode == helped.returncode == 0, (alone.errors, helped.errors)
+    assert open_descriptors() == before
+    assert helped.stats == alone.stats and alone.stats.files == len(entries(tmp_path / "rsync"))
+    expected = describe(tmp_path / "rsync")
+    assert describe(tmp_path / "alone") == expected
+    assert describe(tmp_path / "helped") == expected
+    assert structure([tmp_path / "helped"]) == structure([tmp_path / "rsync"])
+    # and linked against the first generation: nothing copied, every file shared
+    assert build_rsync(src, tmp_path / "rsync-again", [tmp_path / "rsync"], paths).returncode == 0
+    again = build_linker(src, tmp_path / "again", [tmp_path / "helped"], paths, helper=True)
+    assert again.returncode == 0 and again.stats.transferred == 0
+    assert structure([tmp_path / "helped", tmp_path / "again"]) == structure([tmp_path / "rsync", tmp_path / "rsync-again"])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_helper_process_that_dies_fails_the_build_with_one_line(tmp_path):
+    src = tmp_path / "src"
+    many_files(src)
+    paths = selection(src)
+    linker = Linker(str(src), str(tmp_path / "gen"), helper=True)
+    killed = []
+
+    def walk():
+        for i, path in enumerate(paths):
+            if i == len(paths) // 2:
+                assert linker.helper_pid > 0, threading.enumerate()  # kill(0) would end the test run
+                killed.append(linker.helper_pid)
+                os.kill(linker.helper_pid, signal.SIGKILL)
+            yield path
+
+    before = open_descriptors()
+    result = linker.build(walk())
+    assert killed and killed[0] > 0 and not alive(killed[0])
+    assert not result.committable
+    assert result.errors[0] == "linker: the helper process ended without a report (killed by SIGKILL)"
+    assert open_descriptors() == before
+
+
+def test_an_interrupted_build_leaves_no_helper_process(tmp_path):
+    src = tmp_path / "src"
+    many_files(src)
+    paths = selection(src)
+    linker = Linker(str(src), str(tmp_path / "gen"), helper=True)
+    helpers = []
+
+    def walk():
+        yield from paths[:len(paths) // 2]
+        helpers.append(linker.helper_pid)
+        raise KeyboardInterrupt
+
+    before = open_descriptors()
+    with pytest.raises(KeyboardInterrupt):
+        linker.build(walk())
+    assert helpers[0] > 0 and not alive(helpers[0])
     assert open_descriptors() == before
 
 

@@ -30,6 +30,11 @@ Every path is reached through directory descriptors opened with
 ``O_NOFOLLOW`` one component at a time, in the source, the destination and the
 earlier generations: a directory replaced by a symlink is never followed.  No
 inode of an earlier generation is ever opened for writing or changed.
+
+On a machine with two CPUs or more, once a build has copied HELPER_AFTER files
+(a first run, not a daily one, which mostly links), a forked helper process
+places the entries of half of the directories (:class:`_Helper`): creating
+files is mostly the kernel's work, which then runs on two CPUs.
 """
 
 from __future__ import annotations
@@ -37,11 +42,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import pickle
+import signal
 import stat
-from dataclasses import dataclass, field
+import threading
+import zlib
+from dataclasses import dataclass, field, fields
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
-from jwbackup.rsync import PARTIAL, VANISHED, Result, Stats
+from jwbackup.rsync import PARTIAL, VANISHED, Result, Stats, die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +64,7 @@ _NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, err
 _DEST_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 _RANGE, _SENDFILE, _READ_WRITE = range(3)  # ways to copy content, best first
 MAX_ERROR_LINES = 1000
+HELPER_AFTER = 1000  # files copied before a helper process starts
 
 
 class DestinationWriteError(Exception):
@@ -211,6 +221,15 @@ class _Run:
         if len(self.errors) < MAX_ERROR_LINES:
             self.errors.append(line)
 
+    def add(self, other: _Run) -> None:
+        """Take in what the helper process did."""
+        for f in fields(Stats):
+            setattr(self.stats, f.name, getattr(self.stats, f.name) + getattr(other.stats, f.name))
+        for line in other.errors:
+            self.warn(line)
+        self.vanished |= other.vanished
+        self.partial |= other.partial
+
 
 def _show(path: bytes) -> str:
     return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
@@ -219,10 +238,15 @@ def _show(path: bytes) -> str:
 class Linker:
     """Builds one generation at ``target`` from ``source`` and the selected paths."""
 
-    def __init__(self, source: str | bytes, target: str | bytes, link_dests: Sequence[str | bytes] = ()):
+    def __init__(self, source: str | bytes, target: str | bytes, link_dests: Sequence[str | bytes] = (),
+                 helper: bool | None = None):
         self.source = os.fsencode(source)
         self.target = os.fsencode(target)
         self.link_dests = [os.fsencode(d) for d in link_dests]
+        # a helper process: True from the start, False never, None after
+        # HELPER_AFTER copies if this process may use two CPUs
+        self.helper = helper
+        self.helper_pid = 0  # while one runs
 
     def build(self, paths: Iterable[bytes]) -> Result:
         run = _Run()
@@ -252,22 +276,32 @@ class Linker:
             self._top_done: set[bytes] = set()
             self._no_range: set[int] = set()  # source devices that refuse copy_file_range
             groups: dict[tuple[int, int], list[tuple[tuple, _Entry]]] = {}
+            helper = None
+            start_after = {True: 0, None: HELPER_AFTER, False: None}[self.helper]  # copies
             try:
                 for path in self._guarded(run, paths):
-                    self._one(run, path, groups)
+                    parts = _parts(path)
+                    if start_after is not None and run.stats.transferred >= start_after:
+                        helper, start_after = self._start_helper(), None
+                    if helper is None or not helper.take(path, parts):
+                        self._one(run, path, parts, groups)
                 if run.walk_error is not None:
                     return Result(PARTIAL, run.stats, run.errors, run.walk_error)
+                if helper is not None:
+                    helper.finish(run, groups, self._dirs)
                 self._hard_link_groups(run, groups)
                 self._finish_dirs(run)
             finally:
+                if helper is not None:
+                    helper.stop()
+                    self.helper_pid = 0
                 for dirs in [self._src, self._dst, self._leaders, *self._prev]:
                     dirs.close()
         except DestinationWriteError as exc:
             run.errors.insert(0, f"linker: {exc}")
             return Result(11, run.stats, run.errors)
         except OSError as exc:
-            where = f" {_show(os.fsencode(exc.filename))}" if exc.filename else ""
-            run.errors.insert(0, f"linker: cannot build {_show(self.target)}:{where} {exc.strerror}")
+            run.errors.insert(0, f"linker: {self._cannot_build(exc)}")
             return Result(11, run.stats, run.errors)
         finally:
             for fd in fds:
@@ -276,6 +310,25 @@ class Linker:
             os.close(cwd)
         code = PARTIAL if run.partial else VANISHED if run.vanished else 0
         return Result(code, run.stats, run.errors)
+
+    def _cannot_build(self, exc: OSError) -> str:
+        where = f" {_show(os.fsencode(exc.filename))}" if exc.filename else ""
+        return f"cannot build {_show(self.target)}:{where} {exc.strerror}"
+
+    def _start_helper(self) -> _Helper | None:
+        if self.helper is None and len(os.sched_getaffinity(0)) < 2:
+            return None
+        if threading.active_count() > 1:  # a fork copies no other thread, nor what it holds
+            logger.debug("linker: threads are running, no helper process")
+            return None
+        try:
+            helper = _Helper.start(self)
+        except OSError as exc:
+            logger.debug("linker: no helper process: %s", exc.strerror)
+            return None
+        self.helper_pid = helper.pid
+        logger.debug("linker: helper process %d places the entries of half of the directories", helper.pid)
+        return helper
 
     # --- one entry -------------------------------------------------------------
 
@@ -293,8 +346,7 @@ class Linker:
                 return
             yield path
 
-    def _one(self, run: _Run, path: bytes, groups) -> None:
-        parts = _parts(path)
+    def _one(self, run: _Run, path: bytes, parts: tuple[bytes, ...], groups) -> None:
         if not parts:
             self._root(run, groups)
             return
@@ -335,10 +387,9 @@ class Linker:
             run.warn(f'cannot read "/": {exc.strerror}')
             return
         self._dirs.append(_Dir.of(_Entry(b"/", (), st, attrs)))
-        run.stats.files += 1
         for name in names:
             name = os.fsencode(name)
-            self._one(run, b"/" + name, groups)
+            self._one(run, b"/" + name, (name,), groups)
             self._top_done.add(name)
 
     def _look(self, parts: tuple[bytes, ...], path: bytes) -> _Entry:
@@ -393,8 +444,7 @@ class Linker:
             pass
         except OSError as exc:
             raise self._dest_error(entry.parts, exc)
-        self._dirs.append(_Dir.of(entry))
-        run.stats.files += 1
+        self._dirs.append(_Dir.of(entry))  # counted when finished: both processes may make it
 
     def _dest_error(self, parts: tuple[bytes, ...], exc: OSError) -> DestinationWriteError:
         return DestinationWriteError(f"cannot write {_show(self.target + b'/' + b'/'.join(parts))}: {exc.strerror}")
@@ -665,10 +715,14 @@ class Linker:
             run.stats.total_size += entry.st.st_size
 
     def _finish_dirs(self, run: _Run) -> None:
-        """Directory attributes last, deepest first, as rsync does: creating the
-        entries inside would change the mtime, a default ACL would be inherited."""
-        for d in reversed(self._dirs):
-            parts = _parts(d.path)
+        """Directory attributes last, each after those below it, as rsync does:
+        creating the entries inside would change the mtime, a default ACL would
+        be inherited.  (Both processes may have made a directory: each is
+        finished once, in reverse path order, which keeps neighbours together.)"""
+        made = sorted(((_parts(d.path), d) for d in {d.path: d for d in self._dirs}.values()), reverse=True,
+                      key=lambda m: m[0])
+        run.stats.files += len(made)
+        for parts, d in made:
             try:
                 fd = self._dst.open(parts) if parts else self._dst.top
             except OSError as exc:
@@ -684,7 +738,171 @@ class Linker:
                 raise self._dest_error(parts, exc)
 
 
+# --- the helper process -------------------------------------------------------------
+
+_BATCH = 8 << 10  # bytes of paths handed over at once
+_BACKLOG = 32 << 10  # beyond this many bytes not yet handed over, the main process places its own
+
+
+def _helpers_share(parts: tuple[bytes, ...]) -> bool:
+    """Is this entry the helper's?  Those of half of the directories below the
+    top level are, by a hash of the directory's name and depth, so each
+    directory is mostly filled by one process.  (Entries directly in the root
+    stay with the main process, which reads the root itself when ``/`` is listed.)"""
+    return len(parts) > 1 and (zlib.crc32(parts[-2]) + len(parts)) & 1 == 1
+
+
+class _Report(NamedTuple):
+    """What the helper did, sent to the main process when it has ended."""
+
+    run: _Run
+    dirs: list[_Dir]  # made by the helper, finished by the main process
+    groups: dict  # hard-linked entries: placed by the main process, after the walk
+    fatal: str | None  # why the build cannot go on
+
+
+class _Helper:
+    """The main process's side of a forked process that places entries.
+
+    The main process walks and hands the helper the paths of its directories
+    (:func:`_helpers_share`) through a pipe, ``\\0``-terminated.  When the
+    helper falls behind, the main process places them itself.  Order between
+    the two does not matter: a parent directory not made yet is made by
+    whichever needs it first, and both make the same one.  When the helper's
+    pipe is closed it sends back a :class:`_Report` and ends.
+    """
+
+    def __init__(self, pid: int, paths: int, report: int):
+        self.pid = pid
+        self._paths = paths
+        self._report = report
+        self._buffer = bytearray()
+
+    @classmethod
+    def start(cls, linker: Linker) -> _Helper:
+        paths_r, paths_w = os.pipe2(os.O_CLOEXEC)
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (paths_r, paths_w, report_r, report_w):
+                os.close(fd)
+            raise
+        if pid == 0:  # the helper: never returns from here
+            code = 1
+            try:
+                os.close(paths_w)
+                os.close(report_r)
+                die_with_parent()
+                _serve(linker, paths_r, report_w)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(paths_r)
+        os.close(report_w)
+        os.set_blocking(paths_w, False)
+        return cls(pid, paths_w, report_r)
+
+    def take(self, path: bytes, parts: tuple[bytes, ...]) -> bool:
+        """Hand ``path`` over if it is the helper's and the helper keeps up."""
+        if not _helpers_share(parts):
+            return False
+        if len(self._buffer) >= _BACKLOG:
+            self._send()
+            if len(self._buffer) >= _BACKLOG:
+                return False
+        self._buffer += path
+        self._buffer += b"\0"
+        if len(self._buffer) >= _BATCH:
+            self._send()
+        return True
+
+    def _send(self) -> None:
+        try:
+            del self._buffer[:os.write(self._paths, self._buffer)]
+        except BlockingIOError:
+            pass
+        except BrokenPipeError:  # it stopped reading: it failed
+            raise DestinationWriteError(self._collect().fatal or "the helper process stopped") from None
+
+    def finish(self, run: _Run, groups: dict, dirs: list[_Dir]) -> None:
+        """Hand over the rest, wait for the helper and take in what it did."""
+        os.set_blocking(self._paths, True)
+        try:
+            while self._buffer:
+                del self._buffer[:os.write(self._paths, self._buffer)]
+        except BrokenPipeError:
+            pass  # its report says why
+        os.close(self._paths)
+        self._paths = -1
+        report = self._collect()
+        if report.fatal:
+            raise DestinationWriteError(report.fatal)
+        run.add(report.run)
+        dirs.extend(report.dirs)
+        for key, members in report.groups.items():
+            groups.setdefault(key, []).extend(members)
+
+    def _collect(self) -> _Report:
+        chunks = []
+        while chunk := os.read(self._report, 1 << 20):
+            chunks.append(chunk)
+        os.close(self._report)
+        self._report = -1
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        try:
+            return pickle.loads(b"".join(chunks))
+        except Exception:
+            code = os.waitstatus_to_exitcode(status)
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            raise DestinationWriteError(f"the helper process ended without a report ({how})") from None
+
+    def stop(self) -> None:
+        """End the helper if it still runs: the build failed or was interrupted."""
+        if self.pid:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+        for fd in (self._paths, self._report):
+            if fd >= 0:
+                os.close(fd)
+        self._paths = self._report = -1
+
+
+def _serve(linker: Linker, paths: int, report: int) -> None:
+    """The helper's work: place each path received, then report."""
+    logging.disable()  # its lines reach the log through the main process
+    run: _Run = _Run()
+    groups: dict = {}
+    linker._dirs = []
+    fatal = None
+    try:
+        for path in _received(paths):
+            linker._one(run, path, _parts(path), groups)
+    except DestinationWriteError as exc:
+        fatal = str(exc)
+    except OSError as exc:
+        fatal = linker._cannot_build(exc)
+    except Exception as exc:
+        fatal = f"the helper process failed: {type(exc).__name__}: {exc}"
+    finally:
+        os.close(paths)  # a main process still handing over gets EPIPE, and then reads this report
+    view = memoryview(pickle.dumps(_Report(run, linker._dirs, groups, fatal)))
+    while view:
+        view = view[os.write(report, view):]
+    os.close(report)
+
+
+def _received(fd: int) -> Iterator[bytes]:
+    rest = b""
+    while chunk := os.read(fd, 1 << 16):
+        *paths, rest = (rest + chunk).split(b"\0")
+        yield from paths
+
+
 def build(source: str | bytes, paths: Iterable[bytes], target: str | bytes,
-          link_dests: Sequence[str | bytes] = ()) -> Result:
-    """Build the generation ``target`` from the ``paths`` selected under ``source``."""
-    return Linker(source, target, link_dests).build(paths)
+          link_dests: Sequence[str | bytes] = (), helper: bool | None = None) -> Result:
+    """Build the generation ``target`` from the ``paths`` selected under ``source``
+    (``helper``: see :class:`Linker`)."""
+    return Linker(source, target, link_dests, helper).build(paths)
