@@ -48,6 +48,7 @@ import stat
 import threading
 import zlib
 from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from jwbackup.rsync import PARTIAL, VANISHED, Result, Stats, die_with_parent
@@ -717,12 +718,17 @@ class Linker:
     def _finish_dirs(self, run: _Run) -> None:
         """Directory attributes last, each after those below it, as rsync does:
         creating the entries inside would change the mtime, a default ACL would
-        be inherited.  (Both processes may have made a directory: each is
-        finished once, in reverse path order, which keeps neighbours together.)"""
-        made = sorted(((_parts(d.path), d) for d in {d.path: d for d in self._dirs}.values()), reverse=True,
-                      key=lambda m: m[0])
-        run.stats.files += len(made)
-        for parts, d in made:
+        be inherited.  In reverse path order, what is below a directory (its
+        path and a slash, then more) comes before it, and neighbours stay
+        together; a directory both processes made is finished once."""
+        self._dirs.sort(key=attrgetter("path"), reverse=True)
+        last = None
+        for d in self._dirs:
+            if d.path == last:
+                continue
+            last = d.path
+            run.stats.files += 1
+            parts = _parts(d.path)
             try:
                 fd = self._dst.open(parts) if parts else self._dst.top
             except OSError as exc:
