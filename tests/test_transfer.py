@@ -530,30 +530,10 @@ def alive(pid: int) -> bool:
     return True
 
 
-def test_a_helper_process_that_dies_fails_the_build_with_one_line(tmp_path):
-    src = tmp_path / "src"
-    many_files(src)
-    paths = selection(src)
-    linker = Linker(str(src), str(tmp_path / "gen"), helper=True)
-    killed = []
-
-    def walk():
-        for i, path in enumerate(paths):
-            if i == len(paths) // 2:
-                assert linker.helper_pid > 0, threading.enumerate()  # kill(0) would end the test run
-                killed.append(linker.helper_pid)
-                os.kill(linker.helper_pid, signal.SIGKILL)
-            yield path
-
-    before = open_descriptors()
-    result = linker.build(walk())
-    assert killed and killed[0] > 0 and not alive(killed[0])
-    assert not result.committable
-    assert result.errors[0] == "linker: the helper process ended without a report (killed by SIGKILL)"
-    assert open_descriptors() == before
-
-
-def test_an_interrupted_build_leaves_no_helper_process(tmp_path):
+@pytest.mark.parametrize("halfway", ["helper killed", "interrupted"])
+def test_a_helper_process_never_outlives_its_build(tmp_path, halfway):
+    """A helper that dies fails the build with one line; a build interrupted
+    (Ctrl-C) ends its helper.  No process or descriptor is left either way."""
     src = tmp_path / "src"
     many_files(src)
     paths = selection(src)
@@ -562,13 +542,22 @@ def test_an_interrupted_build_leaves_no_helper_process(tmp_path):
 
     def walk():
         yield from paths[:len(paths) // 2]
+        assert linker.helper_pid > 0, threading.enumerate()  # kill(0) would end the test run
         helpers.append(linker.helper_pid)
-        raise KeyboardInterrupt
+        if halfway == "interrupted":
+            raise KeyboardInterrupt
+        os.kill(linker.helper_pid, signal.SIGKILL)
+        yield from paths[len(paths) // 2:]
 
     before = open_descriptors()
-    with pytest.raises(KeyboardInterrupt):
-        linker.build(walk())
-    assert helpers[0] > 0 and not alive(helpers[0])
+    if halfway == "interrupted":
+        with pytest.raises(KeyboardInterrupt):
+            linker.build(walk())
+    else:
+        result = linker.build(walk())
+        assert not result.committable
+        assert result.errors[0] == "linker: the helper process ended without a report (killed by SIGKILL)"
+    assert helpers and not alive(helpers[0])
     assert open_descriptors() == before
 
 
