@@ -300,6 +300,13 @@ def step_none(src: Path) -> None:
 
 
 @pytest.fixture
+def alone():
+    """No other thread in this process: with one, the linker starts no helper
+    process (a fork copies no thread), and its tests would test nothing."""
+    assert threading.active_count() == 1, threading.enumerate()
+
+
+@pytest.fixture
 def world(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -307,7 +314,7 @@ def world(tmp_path):
     return tmp_path, src
 
 
-def test_linker_and_remote_build_what_rsync_link_dest_builds_through_every_kind_of_change(world, caplog):
+def test_linker_and_remote_build_what_rsync_link_dest_builds_through_every_kind_of_change(world, caplog, alone):
     tmp, src = world
     builders = {"rsync": build_rsync, "linker": build_linker_alone, "helped": build_linker_helped,
                 "remote": build_remote}
@@ -462,7 +469,7 @@ def test_many_new_files_build_what_rsync_builds_and_close_every_descriptor(tmp_p
 
 
 @pytest.mark.parametrize("helper", [False, True], ids=["alone", "helped"])
-def test_a_destination_filling_up_while_files_are_copied_stops_the_build_with_one_line(tmp_path, small, helper):
+def test_a_destination_filling_up_while_files_are_copied_stops_the_build_with_one_line(tmp_path, small, helper, alone):
     src = tmp_path / "src"
     many_files(src, size=8192)  # 3 MiB into 1 MiB
     before = open_descriptors()
@@ -491,7 +498,7 @@ def hard_links_across(src: Path) -> list[bytes]:
     return members
 
 
-def test_a_helper_process_builds_what_one_process_and_rsync_build(tmp_path):
+def test_a_helper_process_builds_what_one_process_and_rsync_build(tmp_path, alone):
     """The helper places the entries of half of the directories: hard-link groups
     with members on both sides, directories made by both, and the counts, come
     out as one process and rsync make them."""
@@ -499,7 +506,6 @@ def test_a_helper_process_builds_what_one_process_and_rsync_build(tmp_path):
     members = hard_links_across(src)
     shares = {_helpers_share(_parts(m)) for m in members}
     assert shares == {True, False}
-    assert threading.active_count() == 1, threading.enumerate()  # else no helper starts
     # directories handed to one process, with what is in them handed to the other
     assert {_helpers_share((b"n%d" % a, b"m%d" % b)) != _helpers_share((b"n%d" % a, b"m%d" % b, b"f"))
             for a in range(6) for b in range(6)} == {True, False}
@@ -531,7 +537,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("halfway", ["helper killed", "interrupted"])
-def test_a_helper_process_never_outlives_its_build(tmp_path, halfway):
+def test_a_helper_process_never_outlives_its_build(tmp_path, halfway, alone):
     """A helper that dies fails the build with one line; a build interrupted
     (Ctrl-C) ends its helper.  No process or descriptor is left either way."""
     src = tmp_path / "src"
@@ -542,7 +548,7 @@ def test_a_helper_process_never_outlives_its_build(tmp_path, halfway):
 
     def walk():
         yield from paths[:len(paths) // 2]
-        assert linker.helper_pid > 0, threading.enumerate()  # kill(0) would end the test run
+        assert linker.helper_pid > 0  # kill(0) would end the test run
         helpers.append(linker.helper_pid)
         if halfway == "interrupted":
             raise KeyboardInterrupt

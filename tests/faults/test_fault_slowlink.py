@@ -45,7 +45,8 @@ class Link:
         self.forwarded = 0  # bytes sent on from the clients to ``upstream``
         self.listener = socket.create_server((self.host, 0))
         self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, name="link-accept", daemon=True).start()
+        self._threads = [threading.Thread(target=self._accept, name="link-accept", daemon=True)]
+        self._threads[0].start()
 
     def stall(self) -> None:
         """Stop forwarding in both directions; connections stay open."""
@@ -66,10 +67,18 @@ class Link:
             s.close()
 
     def close(self) -> None:
+        """Stop forwarding and end every thread: a thread left behind would keep
+        later tests from forking (the linker's helper process)."""
         self._closed.set()
         self._flowing.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
+        except OSError:
+            pass
         self.listener.close()
         self.cut()
+        for thread in self._threads:
+            thread.join(10)
 
     def __enter__(self) -> Link:
         return self
@@ -92,7 +101,9 @@ class Link:
                 self._sockets += [client, server]
                 self.connections += 1
             for src, dst, upward in ((client, server, True), (server, client, False)):
-                threading.Thread(target=self._pump, args=(src, dst, upward), name="link-pump", daemon=True).start()
+                pump = threading.Thread(target=self._pump, args=(src, dst, upward), name="link-pump", daemon=True)
+                self._threads.append(pump)
+                pump.start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
         next_send = time.monotonic()
