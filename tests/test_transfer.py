@@ -385,14 +385,18 @@ def test_linker_never_follows_a_directory_replaced_by_a_symlink(tmp_path):
     assert (outside / "file").read_bytes() == b"not to be copied\n"
 
 
-def test_vanished_file_is_a_warning_like_rsync_exit_24(tmp_path):
+@pytest.mark.parametrize("helper", [False, True], ids=["alone", "helped"])
+def test_vanished_file_is_a_warning_like_rsync_exit_24(tmp_path, helper, alone):
     src = tmp_path / "src"
     write(src / "here", b"1\n")
-    paths = selection(src) + [b"/gone"]
-    result = build_linker(src, tmp_path / "gen", [], paths)
+    write(src / "a/here", b"2\n")
+    assert _helpers_share(_parts(b"/a/gone"))  # with a helper, the helper meets it
+    paths = selection(src) + [b"/gone", b"/a/gone"]
+    result = build_linker(src, tmp_path / "gen", [], paths, helper=helper)
     assert result.returncode == 24 and result.committable
-    assert result.errors == ['file has vanished: "/gone"']
+    assert result.errors == ['file has vanished: "/gone"', 'file has vanished: "/a/gone"']
     assert (tmp_path / "gen/here").read_bytes() == b"1\n"
+    assert (tmp_path / "gen/a/here").read_bytes() == b"2\n"
 
 
 def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
