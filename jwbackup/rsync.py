@@ -242,13 +242,14 @@ except (OSError, AttributeError):
     _prctl = None
 
 
-def die_with_parent() -> None:
-    """In a child (rsync, the linker's helper): SIGTERM it when jwbackup dies
-    (even by SIGKILL), so no orphan keeps writing into the ``.partial`` after
-    the lock is gone."""
+def die_with_parent(parent: int | None = None) -> None:
+    """In a child (rsync, the linker's helper): SIGTERM it when jwbackup, the
+    process ``parent`` (by default the current parent), dies (even by
+    SIGKILL), so no orphan keeps writing into the ``.partial`` after the lock
+    is gone."""
     if _prctl is None:
         return
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
     if os.getppid() != parent:  # jwbackup died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)

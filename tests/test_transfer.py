@@ -19,7 +19,6 @@ import socket
 import stat
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -300,13 +299,6 @@ def step_none(src: Path) -> None:
 
 
 @pytest.fixture
-def alone():
-    """No other thread in this process: with one, the linker starts no helper
-    process (a fork copies no thread), and its tests would test nothing."""
-    assert threading.active_count() == 1, threading.enumerate()
-
-
-@pytest.fixture
 def world(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -314,7 +306,7 @@ def world(tmp_path):
     return tmp_path, src
 
 
-def test_linker_and_remote_build_what_rsync_link_dest_builds_through_every_kind_of_change(world, caplog, alone):
+def test_linker_and_remote_build_what_rsync_link_dest_builds_through_every_kind_of_change(world, caplog):
     tmp, src = world
     builders = {"rsync": build_rsync, "linker": build_linker_alone, "helped": build_linker_helped,
                 "remote": build_remote}
@@ -386,7 +378,7 @@ def test_linker_never_follows_a_directory_replaced_by_a_symlink(tmp_path):
 
 
 @pytest.mark.parametrize("helper", [False, True], ids=["alone", "helped"])
-def test_vanished_file_is_a_warning_like_rsync_exit_24(tmp_path, helper, alone):
+def test_vanished_file_is_a_warning_like_rsync_exit_24(tmp_path, helper):
     src = tmp_path / "src"
     write(src / "here", b"1\n")
     write(src / "a/here", b"2\n")
@@ -473,7 +465,7 @@ def test_many_new_files_build_what_rsync_builds_and_close_every_descriptor(tmp_p
 
 
 @pytest.mark.parametrize("helper", [False, True], ids=["alone", "helped"])
-def test_a_destination_filling_up_while_files_are_copied_stops_the_build_with_one_line(tmp_path, small, helper, alone):
+def test_a_destination_filling_up_while_files_are_copied_stops_the_build_with_one_line(tmp_path, small, helper):
     src = tmp_path / "src"
     many_files(src, size=8192)  # 3 MiB into 1 MiB
     before = open_descriptors()
@@ -502,7 +494,7 @@ def hard_links_across(src: Path) -> list[bytes]:
     return members
 
 
-def test_a_helper_process_builds_what_one_process_and_rsync_build(tmp_path, alone):
+def test_a_helper_process_builds_what_one_process_and_rsync_build(tmp_path, caplog):
     """The helper places the entries of half of the directories: hard-link groups
     with members on both sides, directories made by both, and the counts, come
     out as one process and rsync make them."""
@@ -517,7 +509,9 @@ def test_a_helper_process_builds_what_one_process_and_rsync_build(tmp_path, alon
     assert build_rsync(src, tmp_path / "rsync", [], paths).returncode == 0
     before = open_descriptors()
     alone = build_linker(src, tmp_path / "alone", [], paths, helper=False)
+    caplog.set_level("DEBUG", logger="jwbackup.transfer.linker")
     helped = build_linker(src, tmp_path / "helped", [], paths, helper=True)
+    assert "places the entries of half of the directories" in caplog.text
     assert alone.returncode == helped.returncode == 0, (alone.errors, helped.errors)
     assert open_descriptors() == before
     assert helped.stats == alone.stats and alone.stats.files == len(entries(tmp_path / "rsync"))
@@ -541,7 +535,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("halfway", ["helper killed", "interrupted"])
-def test_a_helper_process_never_outlives_its_build(tmp_path, halfway, alone):
+def test_a_helper_process_never_outlives_its_build(tmp_path, halfway):
     """A helper that dies fails the build with one line; a build interrupted
     (Ctrl-C) ends its helper.  No process or descriptor is left either way."""
     src = tmp_path / "src"

@@ -32,9 +32,9 @@ earlier generations: a directory replaced by a symlink is never followed.  No
 inode of an earlier generation is ever opened for writing or changed.
 
 On a machine with two CPUs or more, once a build has copied HELPER_AFTER files
-(a first run, not a daily one, which mostly links), a forked helper process
-places the entries of half of the directories (:class:`_Helper`): creating
-files is mostly the kernel's work, which then runs on two CPUs.
+(a first run, not a daily one, which mostly links), a helper process places
+the entries of half of the directories (:class:`_Helper`): creating files is
+mostly the kernel's work, which then runs on two CPUs.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ import os
 import pickle
 import signal
 import stat
-import threading
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
@@ -269,13 +270,7 @@ class Linker:
                     fds.append(prev_tops[-1])
                 except OSError as exc:
                     logger.debug("link-dest %s cannot be opened: %s", _show(d), exc.strerror)
-            self._src = _Dirs(src_top)
-            self._dst = _Dirs(dst_top)
-            self._prev = [_Dirs(fd) for fd in prev_tops]
-            self._leaders = _Dirs(dst_top)
-            self._dirs: list[_Dir] = []
-            self._top_done: set[bytes] = set()
-            self._no_range: set[int] = set()  # source devices that refuse copy_file_range
+            self._attach(src_top, dst_top, prev_tops)
             groups: dict[tuple[int, int], list[tuple[tuple, _Entry]]] = {}
             helper = None
             start_after = {True: 0, None: HELPER_AFTER, False: None}[self.helper]  # copies
@@ -312,15 +307,22 @@ class Linker:
         code = PARTIAL if run.partial else VANISHED if run.vanished else 0
         return Result(code, run.stats, run.errors)
 
+    def _attach(self, src_top: int, dst_top: int, prev_tops: list[int]) -> None:
+        """Work below these open directories: the source, the new generation, the link-dests."""
+        self._src = _Dirs(src_top)
+        self._dst = _Dirs(dst_top)
+        self._prev = [_Dirs(fd) for fd in prev_tops]
+        self._leaders = _Dirs(dst_top)
+        self._dirs: list[_Dir] = []
+        self._top_done: set[bytes] = set()
+        self._no_range: set[int] = set()  # source devices that refuse copy_file_range
+
     def _cannot_build(self, exc: OSError) -> str:
         where = f" {_show(os.fsencode(exc.filename))}" if exc.filename else ""
         return f"cannot build {_show(self.target)}:{where} {exc.strerror}"
 
     def _start_helper(self) -> _Helper | None:
         if self.helper is None and len(os.sched_getaffinity(0)) < 2:
-            return None
-        if threading.active_count() > 1:  # a fork copies no other thread, nor what it holds
-            logger.debug("linker: threads are running, no helper process")
             return None
         try:
             helper = _Helper.start(self)
@@ -768,7 +770,7 @@ class _Report(NamedTuple):
 
 
 class _Helper:
-    """The main process's side of a forked process that places entries.
+    """The main process's side of the helper process, which places entries.
 
     The main process walks and hands the helper the paths of its directories
     (:func:`_helpers_share`) through a pipe, ``\\0``-terminated.  When the
@@ -776,10 +778,17 @@ class _Helper:
     the two does not matter: a parent directory not made yet is made by
     whichever needs it first, and both make the same one.  When the helper's
     pipe is closed it sends back a :class:`_Report` and ends.
+
+    The helper is a new interpreter (``python -I -m jwbackup.transfer.helper``)
+    given the open source, target and link-dest directories, not a fork: a
+    forked copy shares the main process's memory, and every page the main
+    process writes afterwards (the walk touches the whole manifest) would be
+    copied, 26 MB at 200k entries.
     """
 
-    def __init__(self, pid: int, paths: int, report: int):
-        self.pid = pid
+    def __init__(self, proc: subprocess.Popen, paths: int, report: int):
+        self.proc = proc
+        self.pid = proc.pid
         self._paths = paths
         self._report = report
         self._buffer = bytearray()
@@ -788,26 +797,21 @@ class _Helper:
     def start(cls, linker: Linker) -> _Helper:
         paths_r, paths_w = os.pipe2(os.O_CLOEXEC)
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        tops = [linker._src.top, linker._dst.top, *(d.top for d in linker._prev)]
+        argv = [sys.executable, "-I", "-m", "jwbackup.transfer.helper", str(os.getpid()), str(paths_r),
+                str(report_w), linker.source, linker.target, *map(str, tops)]
         try:
-            pid = os.fork()
+            proc = subprocess.Popen(argv, pass_fds=(paths_r, report_w, *tops), cwd="/", stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         except OSError:
-            for fd in (paths_r, paths_w, report_r, report_w):
+            for fd in (paths_w, report_r):
                 os.close(fd)
             raise
-        if pid == 0:  # the helper: never returns from here
-            code = 1
-            try:
-                os.close(paths_w)
-                os.close(report_r)
-                die_with_parent()
-                _serve(linker, paths_r, report_w)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(paths_r)
-        os.close(report_w)
+        finally:
+            os.close(paths_r)
+            os.close(report_w)
         os.set_blocking(paths_w, False)
-        return cls(pid, paths_w, report_r)
+        return cls(proc, paths_w, report_r)
 
     def take(self, path: bytes, parts: tuple[bytes, ...]) -> bool:
         """Hand ``path`` over if it is the helper's and the helper keeps up."""
@@ -855,33 +859,39 @@ class _Helper:
             chunks.append(chunk)
         os.close(self._report)
         self._report = -1
-        _, status = os.waitpid(self.pid, 0)
-        self.pid = 0
+        code = self.proc.wait()
         try:
             return pickle.loads(b"".join(chunks))
         except Exception:
-            code = os.waitstatus_to_exitcode(status)
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
             raise DestinationWriteError(f"the helper process ended without a report ({how})") from None
 
     def stop(self) -> None:
         """End the helper if it still runs: the build failed or was interrupted."""
-        if self.pid:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-            self.pid = 0
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self.proc.wait()
         for fd in (self._paths, self._report):
             if fd >= 0:
                 os.close(fd)
         self._paths = self._report = -1
 
 
+def serve(argv: list[str]) -> None:
+    """The helper process (:class:`_Helper`): ``PARENT PATHS REPORT SOURCE TARGET SRC DST [PREV ...]``,
+    numbers but for the two paths."""
+    parent, paths, report = (int(a) for a in argv[:3])
+    die_with_parent(parent)
+    linker = Linker(os.fsencode(argv[3]), os.fsencode(argv[4]))
+    src, dst, *prev = (int(a) for a in argv[5:])
+    linker._attach(src, dst, prev)
+    _serve(linker, paths, report)
+
+
 def _serve(linker: Linker, paths: int, report: int) -> None:
-    """The helper's work: place each path received, then report."""
-    logging.disable()  # its lines reach the log through the main process
+    """Place each path received, then report."""
     run: _Run = _Run()
     groups: dict = {}
-    linker._dirs = []
     fatal = None
     try:
         for path in _received(paths):

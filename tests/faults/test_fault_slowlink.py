@@ -67,8 +67,8 @@ class Link:
             s.close()
 
     def close(self) -> None:
-        """Stop forwarding and end every thread: a thread left behind would keep
-        later tests from forking (the linker's helper process)."""
+        """Stop forwarding and end every thread: none is left behind for the
+        tests that run after."""
         self._closed.set()
         self._flowing.set()
         try:
