@@ -20,6 +20,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -526,6 +527,21 @@ def test_a_helper_process_builds_what_one_process_and_rsync_build(tmp_path, capl
     assert structure([tmp_path / "helped", tmp_path / "again"]) == structure([tmp_path / "rsync", tmp_path / "rsync-again"])
 
 
+def test_a_helper_process_that_cannot_start_leaves_the_build_to_the_main_process(tmp_path, caplog, monkeypatch):
+    """An interpreter that cannot import jwbackup, say: the build goes on in one process."""
+    from jwbackup.transfer import linker
+    monkeypatch.setattr(linker, "_HELPER", "import sys; sys.exit(3)")
+    src = tmp_path / "src"
+    many_files(src)
+    paths = selection(src)
+    caplog.set_level("INFO", logger="jwbackup.transfer.linker")
+    result = build_linker(src, tmp_path / "gen", [], paths, helper=True)
+    assert result.returncode == 0 and result.stats.transferred == 400
+    assert "the helper process did not start (exit status 3); one process places everything" in caplog.text
+    assert build_rsync(src, tmp_path / "rsync", [], paths).returncode == 0
+    assert describe(tmp_path / "gen") == describe(tmp_path / "rsync")
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -545,13 +561,19 @@ def test_a_helper_process_never_outlives_its_build(tmp_path, halfway):
     helpers = []
 
     def walk():
-        yield from paths[:len(paths) // 2]
+        rest = iter(paths)
+        for path in rest:
+            yield path
+            if linker.helper_pid:  # it has started and takes paths
+                break
+            time.sleep(0.01)
         assert linker.helper_pid > 0  # kill(0) would end the test run
         helpers.append(linker.helper_pid)
+        yield from islice(rest, 20)
         if halfway == "interrupted":
             raise KeyboardInterrupt
         os.kill(linker.helper_pid, signal.SIGKILL)
-        yield from paths[len(paths) // 2:]
+        yield from rest
 
     before = open_descriptors()
     if halfway == "interrupted":

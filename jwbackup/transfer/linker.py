@@ -245,10 +245,11 @@ class Linker:
         self.source = os.fsencode(source)
         self.target = os.fsencode(target)
         self.link_dests = [os.fsencode(d) for d in link_dests]
-        # a helper process: True from the start, False never, None after
-        # HELPER_AFTER copies if this process may use two CPUs
+        # a helper process: True from the start (waiting until it is ready),
+        # False never, None after HELPER_AFTER copies if this process may use
+        # two CPUs
         self.helper = helper
-        self.helper_pid = 0  # while one runs
+        self._helper: _Helper | None = None
 
     def build(self, paths: Iterable[bytes]) -> Result:
         run = _Run()
@@ -272,13 +273,14 @@ class Linker:
                     logger.debug("link-dest %s cannot be opened: %s", _show(d), exc.strerror)
             self._attach(src_top, dst_top, prev_tops)
             groups: dict[tuple[int, int], list[tuple[tuple, _Entry]]] = {}
-            helper = None
+            helper = self._helper = None
             start_after = {True: 0, None: HELPER_AFTER, False: None}[self.helper]  # copies
             try:
                 for path in self._guarded(run, paths):
                     parts = _parts(path)
                     if start_after is not None and run.stats.transferred >= start_after:
-                        helper, start_after = self._start_helper(), None
+                        helper = self._helper = self._start_helper()
+                        start_after = None
                     if helper is None or not helper.take(path, parts):
                         self._one(run, path, parts, groups)
                 if run.walk_error is not None:
@@ -290,7 +292,7 @@ class Linker:
             finally:
                 if helper is not None:
                     helper.stop()
-                    self.helper_pid = 0
+                    self._helper = None
                 for dirs in [self._src, self._dst, self._leaders, *self._prev]:
                     dirs.close()
         except DestinationWriteError as exc:
@@ -306,6 +308,11 @@ class Linker:
             os.close(cwd)
         code = PARTIAL if run.partial else VANISHED if run.vanished else 0
         return Result(code, run.stats, run.errors)
+
+    @property
+    def helper_pid(self) -> int:
+        """The helper process's, while it runs and takes paths; else 0."""
+        return self._helper.pid if self._helper is not None and self._helper.ready else 0
 
     def _attach(self, src_top: int, dst_top: int, prev_tops: list[int]) -> None:
         """Work below these open directories: the source, the new generation, the link-dests."""
@@ -329,8 +336,9 @@ class Linker:
         except OSError as exc:
             logger.debug("linker: no helper process: %s", exc.strerror)
             return None
-        self.helper_pid = helper.pid
         logger.debug("linker: helper process %d places the entries of half of the directories", helper.pid)
+        if self.helper:  # asked for from the start: its first path is its own
+            helper.wait()
         return helper
 
     # --- one entry -------------------------------------------------------------
@@ -779,11 +787,12 @@ class _Helper:
     whichever needs it first, and both make the same one.  When the helper's
     pipe is closed it sends back a :class:`_Report` and ends.
 
-    The helper is a new interpreter (``python -I -m jwbackup.transfer.helper``)
-    given the open source, target and link-dest directories, not a fork: a
-    forked copy shares the main process's memory, and every page the main
-    process writes afterwards (the walk touches the whole manifest) would be
-    copied, 26 MB at 200k entries.
+    The helper is a new interpreter (:data:`_HELPER`) given the open source,
+    target and link-dest directories, not a fork: a forked copy shares the
+    main process's memory, and every page the main process writes afterwards
+    (the walk touches the whole manifest) would be copied, 26 MB at 200k
+    entries.  It says it is ready before it is handed anything; one that
+    cannot start costs the main process nothing but the attempt.
     """
 
     def __init__(self, proc: subprocess.Popen, paths: int, report: int):
@@ -792,14 +801,16 @@ class _Helper:
         self._paths = paths
         self._report = report
         self._buffer = bytearray()
+        self.ready = False
 
     @classmethod
     def start(cls, linker: Linker) -> _Helper:
         paths_r, paths_w = os.pipe2(os.O_CLOEXEC)
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        os.set_blocking(report_w, True)
         tops = [linker._src.top, linker._dst.top, *(d.top for d in linker._prev)]
-        argv = [sys.executable, "-I", "-m", "jwbackup.transfer.helper", str(os.getpid()), str(paths_r),
-                str(report_w), linker.source, linker.target, *map(str, tops)]
+        argv = [sys.executable, "-I", "-c", _HELPER, _IMPORT_ROOT, str(os.getpid()), str(paths_r), str(report_w),
+                linker.source, linker.target, *map(str, tops)]
         try:
             proc = subprocess.Popen(argv, pass_fds=(paths_r, report_w, *tops), cwd="/", stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -815,7 +826,7 @@ class _Helper:
 
     def take(self, path: bytes, parts: tuple[bytes, ...]) -> bool:
         """Hand ``path`` over if it is the helper's and the helper keeps up."""
-        if not _helpers_share(parts):
+        if not _helpers_share(parts) or not (self.ready or self._started()):
             return False
         if len(self._buffer) >= _BACKLOG:
             self._send()
@@ -827,6 +838,29 @@ class _Helper:
             self._send()
         return True
 
+    def _started(self, wait: bool = False) -> bool:
+        """Has the helper said it is ready (``wait``: once it says anything)?
+        Until then, and if it never does, the main process places everything."""
+        if self.proc.returncode is not None:
+            return False
+        os.set_blocking(self._report, wait)
+        try:
+            said = os.read(self._report, 1)
+        except BlockingIOError:
+            return False
+        if said != _READY:
+            code = self.proc.wait()
+            logger.info("linker: the helper process did not start (exit status %d); one process places everything",
+                        code)
+            return False
+        self.ready = True
+        os.set_blocking(self._report, True)
+        return True
+
+    def wait(self) -> None:
+        """Wait until the helper is ready or has failed to start."""
+        self._started(wait=True)
+
     def _send(self) -> None:
         try:
             del self._buffer[:os.write(self._paths, self._buffer)]
@@ -837,6 +871,8 @@ class _Helper:
 
     def finish(self, run: _Run, groups: dict, dirs: list[_Dir]) -> None:
         """Hand over the rest, wait for the helper and take in what it did."""
+        if not self.ready:
+            return  # never handed anything: stop() ends it
         os.set_blocking(self._paths, True)
         try:
             while self._buffer:
@@ -877,6 +913,16 @@ class _Helper:
         self._paths = self._report = -1
 
 
+_READY = b"R"
+_IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds jwbackup/
+# The helper's program: this jwbackup, imported from where the main process
+# imported it (-I: no environment, user site or working directory on the path).
+_HELPER = ("import sys\n"
+           "if sys.argv[1] not in sys.path: sys.path.insert(0, sys.argv[1])\n"
+           "from jwbackup.transfer.linker import serve\n"
+           "serve(sys.argv[2:])\n")
+
+
 def serve(argv: list[str]) -> None:
     """The helper process (:class:`_Helper`): ``PARENT PATHS REPORT SOURCE TARGET SRC DST [PREV ...]``,
     numbers but for the two paths."""
@@ -885,6 +931,7 @@ def serve(argv: list[str]) -> None:
     linker = Linker(os.fsencode(argv[3]), os.fsencode(argv[4]))
     src, dst, *prev = (int(a) for a in argv[5:])
     linker._attach(src, dst, prev)
+    os.write(report, _READY)
     _serve(linker, paths, report)
 
 
