@@ -849,9 +849,8 @@ class _Helper:
         except BlockingIOError:
             return False
         if said != _READY:
-            code = self.proc.wait()
-            logger.info("linker: the helper process did not start (exit status %d); one process places everything",
-                        code)
+            logger.info("linker: the helper process did not start (%s); one process places everything",
+                        _ended(self.proc.wait()))
             return False
         self.ready = True
         os.set_blocking(self._report, True)
@@ -899,8 +898,7 @@ class _Helper:
         try:
             return pickle.loads(b"".join(chunks))
         except Exception:
-            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-            raise DestinationWriteError(f"the helper process ended without a report ({how})") from None
+            raise DestinationWriteError(f"the helper process ended without a report ({_ended(code)})") from None
 
     def stop(self) -> None:
         """End the helper if it still runs: the build failed or was interrupted."""
@@ -911,6 +909,10 @@ class _Helper:
             if fd >= 0:
                 os.close(fd)
         self._paths = self._report = -1
+
+
+def _ended(returncode: int) -> str:
+    return f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit status {returncode}"
 
 
 _READY = b"R"
