@@ -183,8 +183,10 @@ def _kind(mode: int) -> str:
     return "special"  # fifo or socket: rsync does not tell them apart here
 
 
-@dataclass
-class _Entry:
+class _Entry(NamedTuple):
+    """A source entry as the walk met it (a tuple: hard-linked ones are all kept
+    until the walk ends)."""
+
     path: bytes
     parts: tuple[bytes, ...]
     st: os.stat_result
@@ -272,7 +274,7 @@ class Linker:
                 except OSError as exc:
                     logger.debug("link-dest %s cannot be opened: %s", _show(d), exc.strerror)
             self._attach(src_top, dst_top, prev_tops)
-            groups: dict[tuple[int, int], list[tuple[tuple, _Entry]]] = {}
+            groups: dict[tuple[int, int], list[_Entry]] = {}
             helper = self._helper = None
             start_after = {True: 0, None: HELPER_AFTER, False: None}[self.helper]  # copies
             try:
@@ -381,7 +383,7 @@ class Linker:
                 run.warn(f'file has vanished: "{_show(path)}"')
         elif entry.st.st_nlink > 1:
             key = (entry.st.st_dev, entry.st.st_ino)
-            groups.setdefault(key, []).append((rsync_order(parts, False), entry))
+            groups.setdefault(key, []).append(entry)  # kept to the end: no more than it needs
         else:
             self._place(run, entry)
 
@@ -683,9 +685,8 @@ class Linker:
     def _hard_link_groups(self, run: _Run, groups) -> None:
         """Source hard-link groups (-H): the first member in rsync's order is placed,
         the rest are linked to it."""
-        for members in groups.values():
-            members.sort(key=lambda m: m[0])
-            entries = [entry for _, entry in members]
+        for entries in groups.values():
+            entries.sort(key=lambda e: rsync_order(e.parts, False))
             if len(entries) == 1:
                 self._place(run, entries[0])
                 continue
