@@ -844,7 +844,8 @@ class _Helper:
         Until then, and if it never does, the main process places everything."""
         if self.proc.returncode is not None:
             return False
-        os.set_blocking(self._report, wait)
+        if wait:
+            os.set_blocking(self._report, True)  # made non-blocking for these polls
         try:
             said = os.read(self._report, 1)
         except BlockingIOError:
