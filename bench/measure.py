@@ -126,7 +126,8 @@ def phases(log: str, wrapper: dict) -> dict:
     """jwbackup's own split of one run, from its DEBUG log and the wrapper's timestamps.
 
     ``startup``: interpreter, imports, configuration; ``manifest`` and
-    ``verify``: as jwbackup reports them; ``prepare``: the rest before the
+    ``verify``: as jwbackup reports them (a verification alongside the walk is
+    within ``walk+transfer``); ``prepare``: the rest before the
     transfer (package state, lock, destination checks); ``walk+transfer``: the
     selection walk streamed into rsync or the linker (they overlap), up to the
     next command jwbackup runs (the commit); ``commit``: rename, ``latest``,
@@ -134,6 +135,7 @@ def phases(log: str, wrapper: dict) -> dict:
     """
     marks: dict[str, float] = {}
     reported: dict[str, float] = {}
+    alongside = False
     with open(log, errors="replace") as f:
         for line in f:
             m = _LINE.match(line)
@@ -144,8 +146,9 @@ def phases(log: str, wrapper: dict) -> dict:
             if "manifest:" in message and " paths in " in message and "manifest" not in reported:
                 marks["manifest_end"] = when
                 reported["manifest"] = float(message.rsplit(" in ", 1)[1].split()[0])
-            elif message.startswith("verified ") and " s:" in message and "verify" not in reported:
+            elif message.startswith("verified ") and " s" in message and "verify" not in reported:
                 reported["verify"] = float(message.split(" in ", 1)[1].split()[0])
+                alongside = " alongside the walk" in message  # not before the transfer: within it
             elif message.startswith("backing up ") and "transfer_start" not in marks:
                 marks["transfer_start"] = when
                 builder = _BUILDER.search(message)
@@ -167,7 +170,8 @@ def phases(log: str, wrapper: dict) -> dict:
     if "manifest_end" in marks:
         out["startup"] = max(0.0, marks["manifest_end"] - reported["manifest"] - start)
     if "transfer_start" in marks and "manifest_end" in marks:
-        out["prepare"] = max(0.0, marks["transfer_start"] - marks["manifest_end"] - reported.get("verify", 0.0))
+        before = 0.0 if alongside else reported.get("verify", 0.0)
+        out["prepare"] = max(0.0, marks["transfer_start"] - marks["manifest_end"] - before)
     if "transfer_start" in marks and "transfer_end" in marks:
         out["walk+transfer"] = marks["transfer_end"] - marks["transfer_start"]
     finish = marks.get("summary", end)

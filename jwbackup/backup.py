@@ -1,6 +1,7 @@
 """One backup run, end to end.
 
-lock → package state → manifest → verification → destination check → selection streamed into rsync
+lock → package state → manifest → verification (on two CPUs, alongside the
+walk) → destination check → selection streamed into rsync or the linker
 (``--link-dest`` the newest complete generation) → rename ``.partial`` to
 its name → ``latest`` → retention.  Nothing becomes visible before rsync has
 finished; a failure leaves the ``.partial`` for the next run to link against
@@ -14,6 +15,7 @@ import os
 import socket
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -57,8 +59,8 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
     # hooks: before on entering, on_error on an exception, after once committed
     with Lock(cfg.lock_file), hooks.Runner(cfg.hooks, hooks.describe(dest), enabled=not dry_run) as hook_run:
         manifest = load_manifest(cfg, root, write_state=not dry_run)
-        selector = make_selector(cfg, root, manifest)
-        with transport.connect(dest) as t:
+        selector = make_selector(cfg, root, manifest, alongside=True)
+        with closing(selector), transport.connect(dest) as t:
             repo = Repository(t, dest.directory)
             listing = repo.listing()  # one clear error unless a writable directory
             if not dry_run:

@@ -47,12 +47,15 @@ def load_manifest(cfg: Config, root: str, write_state: bool = False) -> Manifest
     return manifest
 
 
-def make_selector(cfg: Config, root: str, manifest: Manifest) -> Selector:
+def make_selector(cfg: Config, root: str, manifest: Manifest, alongside: bool = False) -> Selector:
     """A selector over ``root`` that skips the prune list and a local destination.
 
-    Installed files under the roots are verified first (``cfg.verify``, behind
-    the stat cache); the selector keeps the modified ones.  The manifest's
-    digests are dropped then: the walk does not read them.
+    Installed files under the roots are verified (``cfg.verify``, behind the
+    stat cache); the selector keeps the modified ones.  The verification
+    comes first, or with ``alongside`` and two CPUs, runs in a child process
+    while the walk goes on (:class:`verify.Running`; the selector must then
+    be closed).  The manifest's digests are dropped then: the walk does not
+    read them.
     """
     prune = [os.fsencode(p) for p in cfg.prune]
     dest = cfg.destination
@@ -60,7 +63,10 @@ def make_selector(cfg: Config, root: str, manifest: Manifest) -> Selector:
         inside = system_path(os.fsencode(os.path.realpath(root)), os.fsencode(os.path.realpath(dest.directory)))
         if inside is not None:
             prune.append(inside)
-    verifier = verify.check(manifest, root, cfg.verify, roots=cfg.roots)
+    if alongside and cfg.verify != "none" and len(os.sched_getaffinity(0)) >= 2:
+        verifier = verify.Running(manifest, root, cfg.verify, roots=cfg.roots)
+    else:
+        verifier = verify.check(manifest, root, cfg.verify, roots=cfg.roots)
     manifest.drop_digests()
     return Selector(manifest, root=root, prune=prune, verifier=verifier)
 

@@ -19,12 +19,12 @@ import os
 import stat
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Iterable, Iterator
+from typing import AbstractSet, Iterable, Iterator
 
 from jwbackup import cachedir
 from jwbackup.managers import DIR, FILE, KIND_MASK, KINDS, SYMLINK, Manifest
 from jwbackup.paths import Canonicalizer
-from jwbackup.verify import Verifier, check
+from jwbackup.verify import Running, Verifier, check
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,19 @@ def _cachedir_tagged(real_dir: bytes) -> bool:
         os.close(fd)
 
 
+class _Stated:
+    """What the walk asks of an ``os.DirEntry``, answered from an lstat."""
+
+    def __init__(self, st: os.stat_result):
+        self._mode = st.st_mode
+
+    def is_file(self, follow_symlinks: bool = True) -> bool:
+        return stat.S_ISREG(self._mode)
+
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self._mode)
+
+
 class Selector:
     """Chooses the paths to back up under ``root``, against a package manifest."""
 
@@ -92,7 +105,7 @@ class Selector:
         manifest: Manifest,
         root: str | bytes = "/",
         prune: Iterable[str | bytes] = (),
-        verifier: Verifier | None = None,
+        verifier: Verifier | Running | None = None,
     ):
         self.manifest = manifest
         self.prefix = os.fsencode(root).rstrip(b"/")
@@ -101,29 +114,46 @@ class Selector:
         # Without a verification pre-pass from the caller: conffiles only, no cache.
         self.verifier = verifier or check(manifest, self.prefix or b"/", "conffiles", cache_file=None)
         self.stats = Stats()
+        self._walked: list[bytes] = []  # the roots walked
+        self._yielded: set[bytes] = set()  # the installed directories yielded (before something below them)
+
+    def close(self) -> None:
+        """Stop a verification still running alongside (the run ended early)."""
+        if isinstance(self.verifier, Running):
+            self.verifier.close()
 
     def select(self, roots: Iterable[str | bytes], directories: bool = True) -> Iterator[bytes]:
         """Every path under ``roots`` that the backup must hold; no duplicates.
 
         With ``directories=False`` only empty directories are yielded, for
         tools that back up everything below a directory they are given.
+
+        With a verification still running (:class:`~jwbackup.verify.Running`),
+        the walk passes over every installed file of the right kind, then
+        waits for it and yields the modified ones among them, each after
+        the installed directories above it not yielded yet.
         """
+        running = self.verifier if isinstance(self.verifier, Running) else None
+        modified = frozenset() if running else self.verifier.modified
         seen: set[bytes] = set()
         for top in sorted({os.fsencode(r) for r in roots}):
             if any(top == s or top.startswith(join(s, b"")) for s in seen):
                 continue  # nested inside a root already walked
             seen.add(top)
-            yield from self._walk(top, directories)
+            yield from self._walk(top, directories, modified)
+        if running:
+            self.verifier = running.result()
+            yield from self._passed_over(self.verifier.modified, directories)
 
     # The walk keeps two stacks: the directories being listed, and the owned
     # directories entered but not yet yielded (``pending``).  Yielding anything
     # first yields the pending directories, outermost first.  It runs once per
     # entry of the system: the counters are local until it ends.
-    def _walk(self, top: bytes, directories: bool) -> Iterator[bytes]:
+    def _walk(self, top: bytes, directories: bool, modified: AbstractSet[bytes]) -> Iterator[bytes]:
         prefix = self.prefix
         directory = self.manifest.directory
         stats = self.stats
-        modified = self.verifier.modified
+        yielded = self._yielded
         entries = owned = selected = 0
 
         try:
@@ -137,6 +167,7 @@ class Selector:
         listing = self._enter(top)
         if listing is None:
             return
+        self._walked.append(top)
         pending: list[bytes] = []
         if _owned_dir(self.manifest.record(top)):
             if directories:
@@ -182,6 +213,7 @@ class Selector:
                             stats.modified += 1
                 if pending:
                     selected += len(pending)
+                    yielded.update(pending)
                     yield from pending
                     pending.clear()
                 selected += 1
@@ -190,6 +222,43 @@ class Selector:
             stats.entries += entries
             stats.owned += owned
             stats.selected += selected
+
+    def _passed_over(self, modified: AbstractSet[bytes], directories: bool) -> Iterator[bytes]:
+        """The paths in ``modified`` that the walk met and left out as installed:
+        each after the installed directories above it not yielded yet.
+
+        The walk met a path when every directory from a root walked down to
+        it is a directory, not pruned nor skipped; it left it out when it is
+        not a directory and of the kind its record says.  A few lstat calls
+        each: modified files are few.
+        """
+        skipped = self.prune | {path for path, _ in self.stats.skipped}
+        for path in sorted(modified):
+            top = next((t for t in self._walked if path.startswith(join(t, b""))), None)
+            if top is None:
+                continue
+            above = [top]
+            for name in path[len(join(top, b"")):].split(b"/")[:-1]:
+                above.append(join(above[-1], name))
+            try:
+                if any(d in skipped or not stat.S_ISDIR(os.lstat(self.prefix + d).st_mode) for d in above[1:]):
+                    continue
+                st = os.lstat(self.prefix + path)
+            except OSError:
+                continue
+            record = self.manifest.record(path)
+            if record is None or stat.S_ISDIR(st.st_mode) or not self._matches(record[0] & KIND_MASK, _Stated(st), path):
+                continue  # the walk went into it, or kept it anyway
+            if directories:
+                for d in above:
+                    if d not in self._yielded and _owned_dir(self.manifest.record(d)):
+                        self._yielded.add(d)
+                        self.stats.selected += 1
+                        yield d
+            self.stats.owned -= 1
+            self.stats.modified += 1
+            self.stats.selected += 1
+            yield path
 
     def _matches(self, kind: int, entry: os.DirEntry, path: bytes) -> bool:
         """Is ``entry`` (not a directory) of the kind (code) its manifest record says?

@@ -47,6 +47,8 @@ import logging
 import mmap
 import multiprocessing
 import os
+import pickle
+import signal
 import stat
 import struct
 import tempfile
@@ -60,6 +62,8 @@ from itertools import chain, count, islice
 from typing import AbstractSet, Iterable, Iterator, NamedTuple
 
 from jwbackup import cachedir
+from jwbackup.errors import JwbackupError
+from jwbackup.rsync import die_with_parent
 from jwbackup.managers import (
     ALGORITHMS, CONFFILE, DIGEST_AT, DIR, KIND_MASK, KINDS, TARGET, Manifest, record_algorithm, record_digest,
     record_target,
@@ -125,6 +129,13 @@ def check(
     ``cache_file`` is a system path (None: no cache).  Logs one INFO line with
     what was checked, taken from the cache, hashed, and found modified.
     """
+    verifier = _check(manifest, root, mode, cache_file, roots, workers)
+    _report(verifier.stats)
+    return verifier
+
+
+def _check(manifest: Manifest, root, mode, cache_file, roots, workers=None) -> Verifier:
+    """:func:`check` without its report."""
     if mode not in MODES:
         raise ValueError(f"verify mode must be one of {', '.join(MODES)}, not {mode!r}")
     started = time.monotonic()
@@ -146,21 +157,130 @@ def check(
         _save_cache(cache_path, cache.records(order, misses, keep_unmet=not complete))
     stats.modified = len(modified)
     stats.seconds = time.monotonic() - started
+    return Verifier(frozenset(modified), stats)
+
+
+def _report(stats: Stats, alongside: bool = False) -> None:
     logger.info(
-        "verified %d installed files in %.2f s: %d from the cache, %d hashed (%s), %d modified",
-        stats.checked, stats.seconds, stats.cache_hits, stats.hashed, _size(stats.bytes_hashed), stats.modified,
+        "verified %d installed files in %.2f s%s: %d from the cache, %d hashed (%s), %d modified",
+        stats.checked, stats.seconds, " alongside the walk" if alongside else "", stats.cache_hits, stats.hashed,
+        _size(stats.bytes_hashed), stats.modified,
     )
     if stats.no_digest:
         logger.info("%d installed files have no recorded digest and count as unmodified", stats.no_digest)
     if stats.unreadable:
         logger.warning("%d installed files cannot be read to verify them; they are backed up", stats.unreadable)
-    return Verifier(frozenset(modified), stats)
 
 
 def modified_paths(manifest: Manifest, root: str | bytes = b"/", mode: str = DEFAULT_MODE,
                    cache_file: bytes | None = CACHE_FILE, roots: Iterable[str | bytes] = (b"/",)) -> AbstractSet[bytes]:
     """The system paths of the installed files that were modified (see :func:`check`)."""
     return check(manifest, root, mode, cache_file, roots).modified
+
+
+# -- alongside the walk ---------------------------------------------------------
+
+
+class Running:
+    """A verification (:func:`check`) in a forked child process, so that the
+    walk goes on meanwhile on another CPU: on an unchanged system the lstat
+    pass costs about what the walk does.  The walk keeps every installed file
+    it meets, and afterwards asks for the modified ones it passed over
+    (:meth:`Selector.select <jwbackup.select.Selector.select>`).
+
+    The child shares the manifest with this process (a fork: its pages are
+    copied only as this process writes them), writes the stat cache and sends
+    back the modified paths, its statistics and what it logged, pickled, on a
+    pipe.  It is killed when this process dies or :meth:`close` is called
+    before it is done.
+    """
+
+    def __init__(self, manifest: Manifest, root: str | bytes, mode: str, roots: Iterable[str | bytes]):
+        if mode not in MODES:
+            raise ValueError(f"verify mode must be one of {', '.join(MODES)}, not {mode!r}")
+        parent = os.getpid()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            _serve(write, parent, manifest, root, mode, roots)  # never returns
+        os.close(write)
+        self.pid: int | None = pid
+        self._pipe = read
+        self._verifier: Verifier | None = None
+
+    def result(self) -> Verifier:
+        """The outcome, once the child is done; its log lines are logged here now."""
+        if self._verifier is None:
+            with open(self._pipe, "rb", closefd=True) as pipe:
+                self._pipe = -1
+                data = pipe.read()
+            _, status = os.waitpid(self.pid, 0)
+            self.pid = None
+            if status or not data:  # a report cut short is none
+                raise VerificationError(f"verification: the process verifying ended without a report ({_ended(status)})")
+            records, outcome = pickle.loads(data)
+            for name, level, message in records:
+                logging.getLogger(name).log(level, "%s", message)
+            if isinstance(outcome, str):
+                raise VerificationError(f"verification failed: {outcome}")
+            modified, stats = outcome
+            _report(stats, alongside=True)
+            self._verifier = Verifier(modified, stats)
+        return self._verifier
+
+    def close(self) -> None:
+        """Kill the child if it still runs (the run failed or was interrupted)."""
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = None
+        if self._pipe >= 0:
+            os.close(self._pipe)
+            self._pipe = -1
+
+
+class VerificationError(JwbackupError):
+    pass
+
+
+class _Kept(logging.Handler):
+    """In the child: what it logs, kept for the parent to log in order."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[tuple[str, int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.name, record.levelno, record.getMessage()))
+
+
+def _serve(pipe: int, parent: int, manifest: Manifest, root, mode: str, roots) -> None:
+    """The child's life: verify, send the outcome, exit without running anything of the parent's."""
+    status = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent is interrupted, and kills it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        die_with_parent(parent)
+        kept = _Kept()
+        logging.root.handlers = [kept]
+        try:
+            verifier = _check(manifest, root, mode, CACHE_FILE, roots)
+            outcome: tuple | str = (verifier.modified, verifier.stats)
+        except Exception as exc:  # one line for the parent to raise
+            outcome = str(exc) or type(exc).__name__
+        data = pickle.dumps((kept.records, outcome), pickle.HIGHEST_PROTOCOL)
+        with open(pipe, "wb", closefd=True) as out:
+            out.write(data)
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def _ended(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit {os.waitstatus_to_exitcode(status)}"
 
 
 def _under(manifest: Manifest, roots: Iterable[str | bytes]) -> tuple[Iterable, bool]:

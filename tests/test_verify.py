@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -550,3 +551,92 @@ def test_a_full_disk_under_the_cache_costs_the_cache_not_the_verdicts(tmp_path, 
         subprocess.run(["umount", "-l", cache_dir], check=False)
     second = verify.check(manifest, root.root, workers=2)
     assert second.modified == expected and second.stats.hashed == count
+
+
+# -- alongside the walk ------------------------------------------------------------
+
+
+@pytest.fixture
+def spread(tmp_path):
+    """Installed files modified in every place the walk can meet them, or not."""
+    root = DebianRoot(tmp_path / "system", usrmerge=True)
+    root.package("spread", files={
+        b"/usr/share/deep/er/data": b"data\n",  # nothing else kept up there
+        b"/usr/bin/spread": b"#!/bin/sh\n",  # beside a file of the admin's
+        b"/bin/legacy": b"listed under /bin, lives in /usr/bin\n",
+        b"/opt/spread/pruned/a": b"a\n",
+        b"/opt/spread/marked/b": b"b\n",
+        b"/opt/spread/kind": b"a file, then a symlink\n",
+        b"/opt/spread/same": b"left alone\n",
+        b"/etc/spread.conf": b"setting = 1\n",
+    }, conffiles=[b"/etc/spread.conf"])
+    root.write()
+    for path in (b"/usr/share/deep/er/data", b"/usr/bin/spread", b"/usr/bin/legacy", b"/opt/spread/pruned/a",
+                 b"/opt/spread/marked/b", b"/etc/spread.conf"):
+        with open(root.path(path), "ab") as f:
+            f.write(b"# changed\n")
+    os.unlink(root.path(b"/opt/spread/kind"))
+    os.symlink(b"same", root.path(b"/opt/spread/kind"))
+    for path, content in ((b"/usr/bin/mine", b"mine\n"), (b"/opt/spread/marked/.no-backup", b"")):
+        with open(root.path(path), "wb") as f:
+            f.write(content)
+    return root
+
+
+@pytest.mark.parametrize("roots, directories", [
+    ((b"/",), True), ((b"/",), False), ((b"/usr/share", b"/usr/share/deep", b"/opt", b"/etc"), True),
+])
+def test_a_verification_alongside_the_walk_selects_what_one_before_it_does(spread, roots, directories, caplog):
+    from jwbackup.select import Selector
+
+    def select(verifier) -> tuple[list[bytes], tuple]:
+        selector = Selector(manifest, spread.root, [b"/opt/spread/pruned"], verifier)
+        try:
+            paths = list(selector.select(roots, directories))
+        finally:
+            selector.close()
+        s = selector.stats
+        return paths, (s.owned, s.modified, s.selected, s.entries, s.directories)
+
+    caplog.set_level(logging.INFO)
+    manifest = load_manifest(spread.root)
+    before, before_stats = select(verify.check(manifest, spread.root))
+    caplog.clear()
+    along, along_stats = select(verify.Running(manifest, spread.root, "all", roots))
+    assert sorted(along) == sorted(before) and len(set(along)) == len(along)
+    assert along_stats == before_stats
+    if directories:  # each path after the directory holding it, as a consumer recreates them
+        for i, path in enumerate(along):
+            parent = os.path.dirname(path)
+            assert parent in along[:i] or path in roots or parent == b"/", path
+    walked = [p for p in (b"/usr/share/deep/er/data", b"/usr/bin/spread", b"/usr/bin/legacy", b"/etc/spread.conf",
+                          b"/opt/spread/kind") if p.startswith(tuple(r + b"/" for r in roots)) or roots == (b"/",)]
+    assert walked and set(walked) <= set(along)
+    for left in (b"/opt/spread/pruned/a", b"/opt/spread/marked/b", b"/opt/spread/same", b"/usr/bin/tool"):
+        assert left not in along
+    assert re.search(r"verified \d+ installed files in [\d.]+ s alongside the walk: .* [1-9]\d* modified", caplog.text)
+
+
+def test_a_verification_that_dies_fails_in_one_line_and_closing_one_leaves_no_process(tmp_path):
+    # More modified paths than a pipe holds: the child waits in its write until read, or killed.
+    root = DebianRoot(tmp_path / "system")
+    names = [b"/srv/many/%s-%04d" % (b"n" * 60, i) for i in range(1500)]
+    root.package("many", files={name: b"as shipped\n" for name in names})
+    root.write()
+    for name in names:
+        with open(root.path(name), "ab") as f:
+            f.write(b"changed\n")
+    manifest = load_manifest(root.root)
+
+    running = verify.Running(manifest, root.root, "all", (b"/",))
+    os.kill(running.pid, signal.SIGKILL)
+    with pytest.raises(verify.VerificationError) as failed:
+        running.result()
+    assert str(failed.value) == "verification: the process verifying ended without a report (killed by SIGKILL)"
+
+    running = verify.Running(manifest, root.root, "all", (b"/",))
+    pid = running.pid
+    running.close()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped, not left a zombie
+    assert verify.Running(manifest, root.root, "all", (b"/",)).result().modified == frozenset(names)
