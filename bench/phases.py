@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
-"""Where an unchanged second run spends its time, step by step, in one process.
+"""Where an unchanged second run spends its time, step by step.
 
     .venv/bin/python bench/phases.py [--scale N] [--work DIR] [--cprofile]
 
 Needs a system and a previous generation from ``run.py`` at the same scale
 (``WORK/runs/N/jwbackup``).  Times, separately and in order: the manifest,
 verification (stat cache warm), the selection walk alone (into a list), their
-sum against a bare ``os.scandir`` walk of the same tree and against the floor
-of any stat cache (that walk plus one ``os.lstat`` per installed file with a
-recorded digest: content edited in place changes nothing else), rsync
-``--files-from`` that list with ``--link-dest`` (what jwbackup's rsync builder
-does, minus the overlap), and the linker on the same list.  Each new
-generation goes to a scratch directory next to the real ones and is removed.
+sum against a bare ``os.scandir`` walk of the same tree; the three again as
+a backup runs them, the verification in a child process alongside the walk;
+the floor of any stat cache (the bare walk plus one ``os.lstat`` per
+installed file with a recorded digest: content edited in place changes
+nothing else); rsync ``--files-from`` that list with ``--link-dest`` (what
+jwbackup's rsync builder does, minus the overlap), and the linker on the same
+list.  Each new generation goes to a scratch directory next to the real ones
+and is removed.
 """
 
 from __future__ import annotations
@@ -94,6 +96,20 @@ def main(argv=None) -> int:
     bare = min(wall_time(synth.count_entries, os.fsencode(root)) for _ in range(3))
     print(f"  overhead (manifest + verification + walk) {overhead:.2f} s; a bare os.scandir walk of the root "
           f"(best of 3) {bare:.2f} s: {overhead / bare:.1f} x", flush=True)
+
+    def alongside() -> int:
+        manifest = load_manifest(cfg, root)
+        selector = make_selector(cfg, root, manifest, alongside=True)
+        try:
+            return len(list(selector.select(cfg.roots)))
+        finally:
+            selector.close()
+
+    for _ in range(2):  # as a backup runs them: the verification alongside the walk (on two CPUs)
+        steps.time("manifest + verification alongside the walk", alongside)
+    along = min(wall for name, wall, _ in steps.rows if name.startswith("manifest + "))
+    print(f"  overhead with the verification alongside (best of 2) {along:.2f} s: {along / bare:.1f} x the bare walk",
+          flush=True)
     stats = min(wall_time(lstat_each, compared) for _ in range(3))
     print(f"  floor: the bare walk plus {len(compared):,} os.lstat calls (best of 3, {stats:.2f} s) = "
           f"{bare + stats:.2f} s: {(bare + stats) / bare:.1f} x the bare walk; the overhead is "
