@@ -320,6 +320,15 @@ class _Order:
             self.counts.append(1)
         self._next = value + _RECORD.size if value >= 0 else value - 1
 
+    def add_hits(self, first: int, length: int) -> None:
+        """``length`` hits, on the records from offset ``first`` on."""
+        if first == self._next:
+            self.counts[-1] += length
+        else:
+            self.firsts.append(first)
+            self.counts.append(length)
+        self._next = first + length * _RECORD.size
+
     def __len__(self) -> int:
         return sum(self.counts)
 
@@ -381,23 +390,30 @@ def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order,
     ``order`` is what the next cache holds (:class:`_Order`).  Modified
     files and symlinks, and conffiles that count as modified without being
     read, go into ``modified``.
+
+    It runs once per installed file, so the rule comes first: the file's
+    record in the cache is the one after the last file's, with the stat
+    and the digest of now.  Such hits are counted as a run (``run``, from
+    ``run_at``), not added one by one.
     """
     order = _Order()
-    add = order.add
     misses = _Misses(dirs)
     no_digest: list[bytes] = []
     links = 0
     stat_at, readlink, close = os.stat, os.readlink, os.close
     isreg = stat.S_ISREG
     pack = _KEY.pack
+    key_size, record_size, digest_at, digest_end = _KEY.size, _RECORD.size, DIGEST_AT, _CACHED_END
+    unopened, target, cached_code = _UNOPENED, TARGET, _CACHED_CODE
     body, find, release = cache.body, cache.find, cache.release
     at = cache.start  # where the next record is expected: files come in the order the last run saved them
     release_at = at + RELEASE_BYTES
+    run_at, run = at, 0  # the hits not yet added to the order: ``run`` records from ``run_at``
     everything = mode == "all"
     for base, names, records in listing:
         # Names are looked up in the directory, opened at its first file to
         # judge: cheaper than a path from the root each time.
-        fd = _UNOPENED
+        fd = unopened
         try:
             for k, name, record in zip(count(), names, records):
                 flags = record[0]
@@ -407,16 +423,16 @@ def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order,
                         modified.add(base + name)
                         continue
                 elif not algorithm:
-                    if everything and flags & KIND_MASK != _DIR:
-                        no_digest.append(base + name)
+                    if everything and flags & KIND_MASK != _DIR and base + name + b"/" not in dirs:
+                        no_digest.append(base + name)  # unless the manifest lists entries below it
                     continue
                 elif not everything:
                     continue
-                if fd == _UNOPENED:
+                if fd == unopened:
                     fd = _open_directory(prefix + base)
                 if fd < 0:
                     continue  # not there, or not a directory: nothing in it to judge
-                if algorithm == TARGET:
+                if algorithm == target:
                     try:
                         if readlink(name, dir_fd=fd) != record_target(record):
                             modified.add(base + name)
@@ -430,27 +446,38 @@ def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order,
                     continue  # not there: nothing to judge, the walk will not meet it
                 if not isreg(st.st_mode):
                     continue  # another kind now: the walk keeps it anyway
-                if algorithm != _CACHED_CODE:
+                if algorithm != cached_code:
                     misses.add(base, k, st.st_size, False)
                     continue
                 key = pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                if body.find(key, at, at + _KEY.size) != at:
-                    found = find(key)
-                    if found < 0:
-                        add(-1 - misses.add(base, k, st.st_size, True))
-                        at += _RECORD.size  # past the record this file had, if it had one
-                        continue
-                    at = found
-                add(at)
-                if body[at + _KEY.size:at + _RECORD.size] != record[DIGEST_AT:_CACHED_END]:
-                    modified.add(base + name)
-                at += _RECORD.size
+                digest = record[digest_at:digest_end]
+                if body[at:at + record_size] != key + digest:  # not the rule
+                    if body.find(key, at, at + key_size) != at:
+                        found = find(key)
+                        if found < 0:
+                            if run:
+                                order.add_hits(run_at, run)
+                            order.add(-1 - misses.add(base, k, st.st_size, True))
+                            at += record_size  # past the record this file had, if it had one
+                            run_at, run = at, 0
+                            continue
+                        at = found
+                    if body[at + key_size:at + record_size] != digest:
+                        modified.add(base + name)
+                if at != run_at + run * record_size:  # a record found elsewhere
+                    if run:
+                        order.add_hits(run_at, run)
+                    run_at, run = at, 0
+                run += 1
+                at += record_size
                 if at > release_at:
                     release(at)
                     release_at = at + RELEASE_BYTES
         finally:
             if fd >= 0:
                 close(fd)
+    if run:
+        order.add_hits(run_at, run)
     return order, misses, no_digest, links
 
 
