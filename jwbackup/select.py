@@ -181,43 +181,53 @@ class Selector:
         try:
             while stack:
                 parent, base, children, installed = stack[-1]
-                child = next(children, None)
-                if child is None:
+                for child in children:  # left, to go down, and taken up again when back
+                    name = child.name
+                    if child.is_dir(follow_symlinks=False):
+                        path = base + name
+                        listing = self._enter(path)
+                        if listing is None:
+                            continue
+                        below = path + b"/"
+                        stack.append((path, below, iter(listing), directory(below) or _NOTHING))
+                        if _owned_dir(installed.get(name)):
+                            if directories:
+                                pending.append(path)
+                            break
+                        if not directories and listing:
+                            break
+                        down = True
+                    else:
+                        entries += 1
+                        record = installed.get(name)
+                        if record is not None:
+                            kind = record[0] & KIND_MASK
+                            if kind == _FILE:
+                                matched = child.is_file(follow_symlinks=False)
+                            elif kind == _NO_KIND and not child.is_symlink():
+                                matched = True  # dpkg's records: the rule
+                            else:
+                                matched = self._matches(kind, child, base + name)
+                            if matched:
+                                if not modified or base + name not in modified:
+                                    owned += 1
+                                    continue
+                                stats.modified += 1
+                        path = base + name
+                        down = False
+                    if pending:
+                        selected += len(pending)
+                        yielded.update(pending)
+                        yield from pending
+                        pending.clear()
+                    selected += 1
+                    yield path
+                    if down:
+                        break
+                else:  # listed to its end
                     stack.pop()
                     if pending and pending[-1] == parent:
                         pending.pop()
-                    continue
-                name = child.name
-                path = base + name
-                if child.is_dir(follow_symlinks=False):
-                    listing = self._enter(path)
-                    if listing is None:
-                        continue
-                    below = path + b"/"
-                    stack.append((path, below, iter(listing), directory(below) or _NOTHING))
-                    if _owned_dir(installed.get(name)):
-                        if directories:
-                            pending.append(path)
-                        continue
-                    if not directories and listing:
-                        continue
-                else:
-                    entries += 1
-                    record = installed.get(name)
-                    if record is not None:
-                        kind = record[0] & KIND_MASK
-                        if child.is_file(follow_symlinks=False) if kind == _FILE else self._matches(kind, child, path):
-                            if path not in modified:
-                                owned += 1
-                                continue
-                            stats.modified += 1
-                if pending:
-                    selected += len(pending)
-                    yielded.update(pending)
-                    yield from pending
-                    pending.clear()
-                selected += 1
-                yield path
         finally:
             stats.entries += entries
             stats.owned += owned
