@@ -92,6 +92,27 @@ def test_modified_conffile_is_backed_up(jwbackup, system):
         assert f.read() == b"setting = 2\n"
 
 
+@pytest.mark.parametrize("where, extra", [("local", ""), ("local", "transfer: rsync\n"), ("ssh", "")])
+def test_an_installed_file_changed_behind_dpkg_is_backed_up_with_the_directories_above_it(
+        jwbackup, system, tmp_path, request, where, extra):
+    # With two CPUs the verification runs alongside the walk, which then yields this file last.
+    destination = ssh_destination(request.getfixturevalue("sshd")) if where == "ssh" else ""
+    system.configure(destination=destination, extra=extra)
+    backup(jwbackup, system)
+    os.chmod(system.path(b"/usr/share/doc/tool"), 0o750)
+    system.write(b"/usr/share/doc/tool/README", b"the tool, and a note of the admin's\n")
+    backup(jwbackup, system)
+    first, second = system.generations()
+    assert not os.path.lexists(system.in_generation(first, b"/usr/share/doc/tool"))
+    with open(system.in_generation(second, b"/usr/share/doc/tool/README"), "rb") as f:
+        assert f.read() == b"the tool, and a note of the admin's\n"
+    assert os.lstat(system.in_generation(second, b"/usr/share/doc/tool")).st_mode & 0o7777 == 0o750
+    assert not os.path.lexists(system.in_generation(second, b"/usr/bin/tool"))
+    log = (tmp_path / "jwbackup.log").read_text()
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert log.count(" s alongside the walk: ") == 2 and ", 1 modified" in log
+
+
 def test_metadata_survives(jwbackup, system):
     system.configure()
     data = system.write(b"/srv/data/file", b"payload\n")
