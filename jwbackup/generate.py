@@ -63,9 +63,13 @@ def make_selector(cfg: Config, root: str, manifest: Manifest, alongside: bool = 
         inside = system_path(os.fsencode(os.path.realpath(root)), os.fsencode(os.path.realpath(dest.directory)))
         if inside is not None:
             prune.append(inside)
+    verifier = None
     if alongside and cfg.verify != "none" and len(os.sched_getaffinity(0)) >= 2:
-        verifier = verify.Running(manifest, root, cfg.verify, roots=cfg.roots)
-    else:
+        try:
+            verifier = verify.Running(manifest, root, cfg.verify, roots=cfg.roots)
+        except OSError as exc:  # no process or pipe to spare: the verification comes first
+            logger.info("verification alongside the walk: %s; verifying first", exc.strerror)
+    if verifier is None:
         verifier = verify.check(manifest, root, cfg.verify, roots=cfg.roots)
     manifest.drop_digests()
     return Selector(manifest, root=root, prune=prune, verifier=verifier)
