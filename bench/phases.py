@@ -7,7 +7,8 @@ Needs a system and a previous generation from ``run.py`` at the same scale
 (``WORK/runs/N/jwbackup``).  Times, separately and in order: the manifest,
 verification (stat cache warm), the selection walk alone (into a list), their
 sum against a bare ``os.scandir`` walk of the same tree; the three again as
-a backup runs them, the verification in a child process alongside the walk;
+a backup runs them, the verification in a child process alongside the walk,
+five times, each paired with a bare walk;
 the floor of any stat cache (the bare walk plus one ``os.lstat`` per
 installed file with a recorded digest: content edited in place changes
 nothing else); rsync ``--files-from`` that list with ``--link-dest`` (what
@@ -24,6 +25,7 @@ import io
 import os
 import pstats
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -105,11 +107,16 @@ def main(argv=None) -> int:
         finally:
             selector.close()
 
-    for _ in range(2):  # as a backup runs them: the verification alongside the walk (on two CPUs)
+    # As a backup runs them (the verification alongside the walk, on two
+    # CPUs), in pairs with the bare walk: the machine's speed drifts more
+    # within a minute than the difference being measured.
+    ratios = []
+    for _ in range(5):
+        walk = wall_time(synth.count_entries, os.fsencode(root))
         steps.time("manifest + verification alongside the walk", alongside)
-    along = min(wall for name, wall, _ in steps.rows if name.startswith("manifest + "))
-    print(f"  overhead with the verification alongside (best of 2) {along:.2f} s: {along / bare:.1f} x the bare walk",
-          flush=True)
+        ratios.append(steps.rows[-1][1] / walk)
+    print(f"  overhead with the verification alongside / the bare walk, pair by pair: "
+          f"{' '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f} x", flush=True)
     stats = min(wall_time(lstat_each, compared) for _ in range(3))
     print(f"  floor: the bare walk plus {len(compared):,} os.lstat calls (best of 3, {stats:.2f} s) = "
           f"{bare + stats:.2f} s: {(bare + stats) / bare:.1f} x the bare walk; the overhead is "
