@@ -76,6 +76,11 @@ def first_cause(stderr: bytes) -> str | None:
     return (causes or useful or lines or [None])[0]
 
 
+def ended(returncode: int) -> str:
+    """How a process of ours that sent no report ended (``returncode`` as subprocess gives it)."""
+    return f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit status {returncode}"
+
+
 def failure_message(argv: Sequence[Arg], returncode: int, stderr: bytes, where: str | None = None) -> str:
     """One line explaining why ``argv`` failed."""
     name = program(argv)

@@ -63,6 +63,7 @@ from typing import AbstractSet, Iterable, Iterator, NamedTuple
 
 from jwbackup import cachedir
 from jwbackup.errors import JwbackupError
+from jwbackup.execute import ended
 from jwbackup.rsync import die_with_parent
 from jwbackup.managers import (
     ALGORITHMS, CONFFILE, DIGEST_AT, DIR, KIND_MASK, KINDS, TARGET, Manifest, record_algorithm, record_digest,
@@ -136,8 +137,7 @@ def check(
 
 def _check(manifest: Manifest, root, mode, cache_file, roots, workers=None) -> Verifier:
     """:func:`check` without its report."""
-    if mode not in MODES:
-        raise ValueError(f"verify mode must be one of {', '.join(MODES)}, not {mode!r}")
+    _check_mode(mode)
     started = time.monotonic()
     prefix = os.fsencode(root).rstrip(b"/")
     stats = Stats()
@@ -158,6 +158,11 @@ def _check(manifest: Manifest, root, mode, cache_file, roots, workers=None) -> V
     stats.modified = len(modified)
     stats.seconds = time.monotonic() - started
     return Verifier(frozenset(modified), stats)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"verify mode must be one of {', '.join(MODES)}, not {mode!r}")
 
 
 def _report(stats: Stats, alongside: bool = False) -> None:
@@ -184,8 +189,8 @@ def modified_paths(manifest: Manifest, root: str | bytes = b"/", mode: str = DEF
 class Running:
     """A verification (:func:`check`) in a forked child process, so that the
     walk goes on meanwhile on another CPU: on an unchanged system the lstat
-    pass costs about what the walk does.  The walk keeps every installed file
-    it meets, and afterwards asks for the modified ones it passed over
+    pass costs about what the walk does.  The walk leaves out every installed
+    file it meets, and afterwards yields the modified ones it passed over
     (:meth:`Selector.select <jwbackup.select.Selector.select>`).
 
     The child shares the manifest with this process (a fork: its pages are
@@ -196,11 +201,15 @@ class Running:
     """
 
     def __init__(self, manifest: Manifest, root: str | bytes, mode: str, roots: Iterable[str | bytes]):
-        if mode not in MODES:
-            raise ValueError(f"verify mode must be one of {', '.join(MODES)}, not {mode!r}")
+        _check_mode(mode)
         parent = os.getpid()
         read, write = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read)
+            os.close(write)
+            raise
         if pid == 0:
             os.close(read)
             _serve(write, parent, manifest, root, mode, roots)  # never returns
@@ -218,7 +227,7 @@ class Running:
             _, status = os.waitpid(self.pid, 0)
             self.pid = None
             if status or not data:  # a report cut short is none
-                raise VerificationError(f"verification: the process verifying ended without a report ({_ended(status)})")
+                raise VerificationError(f"verification: the process verifying ended without a report ({ended(os.waitstatus_to_exitcode(status))})")
             records, outcome = pickle.loads(data)
             for name, level, message in records:
                 logging.getLogger(name).log(level, "%s", message)
@@ -275,12 +284,6 @@ def _serve(pipe: int, parent: int, manifest: Manifest, root, mode: str, roots) -
         status = 0
     finally:
         os._exit(status)
-
-
-def _ended(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit {os.waitstatus_to_exitcode(status)}"
 
 
 def _under(manifest: Manifest, roots: Iterable[str | bytes]) -> tuple[Iterable, bool]:

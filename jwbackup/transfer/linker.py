@@ -43,7 +43,6 @@ import errno
 import logging
 import os
 import pickle
-import signal
 import stat
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
+from jwbackup.execute import ended
 from jwbackup.rsync import PARTIAL, VANISHED, Result, Stats, die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -852,7 +852,7 @@ class _Helper:
             return False
         if said != _READY:
             logger.info("linker: the helper process did not start (%s); one process places everything",
-                        _ended(self.proc.wait()))
+                        ended(self.proc.wait()))
             return False
         self.ready = True
         os.set_blocking(self._report, True)
@@ -900,7 +900,7 @@ class _Helper:
         try:
             return pickle.loads(b"".join(chunks))
         except Exception:
-            raise DestinationWriteError(f"the helper process ended without a report ({_ended(code)})") from None
+            raise DestinationWriteError(f"the helper process ended without a report ({ended(code)})") from None
 
     def stop(self) -> None:
         """End the helper if it still runs: the build failed or was interrupted."""
@@ -911,10 +911,6 @@ class _Helper:
             if fd >= 0:
                 os.close(fd)
         self._paths = self._report = -1
-
-
-def _ended(returncode: int) -> str:
-    return f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit status {returncode}"
 
 
 _READY = b"R"
