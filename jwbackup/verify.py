@@ -314,31 +314,28 @@ class _Order:
         self.counts = array("q")
         self._next: int | None = None  # the value that lengthens the last run (hits >= 0 > misses)
 
-    def add(self, value: int) -> None:
-        """The next file: ``value`` is an offset in this cache, or ``-1 - j``."""
-        if value == self._next:
-            self.counts[-1] += 1
-        else:
-            self.firsts.append(value)
-            self.counts.append(1)
-        self._next = value + _RECORD.size if value >= 0 else value - 1
-
-    def add_hits(self, first: int, length: int) -> None:
-        """``length`` hits, on the records from offset ``first`` on."""
+    def add(self, first: int, length: int = 1) -> None:
+        """The next ``length`` files: hits on the records from offset ``first``
+        on, or misses from ``first = -1 - j`` on."""
         if first == self._next:
             self.counts[-1] += length
         else:
             self.firsts.append(first)
             self.counts.append(length)
-        self._next = first + length * _RECORD.size
+        self._next = first + length * _step(first)
 
     def __len__(self) -> int:
         return sum(self.counts)
 
     def __iter__(self) -> Iterator[int]:
         for first, length in zip(self.firsts, self.counts):
-            step = _RECORD.size if first >= 0 else -1
+            step = _step(first)
             yield from range(first, first + length * step, step)
+
+
+def _step(first: int) -> int:
+    """From one file of a run of the order to the next: the next record (hits), or the next miss."""
+    return _RECORD.size if first >= 0 else -1
 
 
 class _Misses:
@@ -459,7 +456,7 @@ def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order,
                         found = find(key)
                         if found < 0:
                             if run:
-                                order.add_hits(run_at, run)
+                                order.add(run_at, run)
                             order.add(-1 - misses.add(base, k, st.st_size, True))
                             at += record_size  # past the record this file had, if it had one
                             run_at, run = at, 0
@@ -469,7 +466,7 @@ def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order,
                         modified.add(base + name)
                 if at != run_at + run * record_size:  # a record found elsewhere
                     if run:
-                        order.add_hits(run_at, run)
+                        order.add(run_at, run)
                     run_at, run = at, 0
                 run += 1
                 at += record_size
@@ -480,7 +477,7 @@ def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order,
             if fd >= 0:
                 close(fd)
     if run:
-        order.add_hits(run_at, run)
+        order.add(run_at, run)
     return order, misses, no_digest, links
 
 
