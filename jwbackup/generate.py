@@ -54,8 +54,7 @@ def make_selector(cfg: Config, root: str, manifest: Manifest, alongside: bool = 
     stat cache); the selector keeps the modified ones.  The verification
     comes first, or with ``alongside`` and two CPUs, runs in a child process
     while the walk goes on (:class:`verify.Running`; the selector must then
-    be closed).  The manifest's digests are dropped then: the walk does not
-    read them.
+    be closed).
     """
     prune = [os.fsencode(p) for p in cfg.prune]
     dest = cfg.destination
@@ -71,7 +70,6 @@ def make_selector(cfg: Config, root: str, manifest: Manifest, alongside: bool = 
             logger.info("verification alongside the walk: %s; verifying first", exc.strerror)
     if verifier is None:
         verifier = verify.check(manifest, root, cfg.verify, roots=cfg.roots)
-    manifest.drop_digests()
     return Selector(manifest, root=root, prune=prune, verifier=verifier)
 
 

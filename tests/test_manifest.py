@@ -66,17 +66,6 @@ def test_an_mtime_beyond_64_bits_is_refused():
         Manifest({b"/usr/bin/tool": Entry(FILE, "tool", mtime=1 << 63)})
 
 
-def test_dropping_the_digests_keeps_kinds_packages_and_conffile_marks():
-    entries = {**ENTRIES, b"/usr/bin/tool2": Entry(FILE, "tool", md5(b"tool2"))}
-    manifest = Manifest(entries)
-    manifest.drop_digests()
-    assert dict(manifest.items()) == {
-        path: entry._replace(digest=None, mtime=None, target=None) for path, entry in entries.items()
-    }
-    record = manifest.record  # what is left is shared, as for entries that never had a digest
-    assert record(b"/usr/bin/tool") is record(b"/usr/bin/tool2") is not record(b"/etc/tool.conf")
-
-
 def test_paths_are_kept_by_directory_and_come_back_whole():
     odd = {
         b"/": Entry(DIR, "base"),

@@ -256,32 +256,6 @@ class Manifest(MutableMapping):
                 del dirs[base]
         self.changed.clear()
 
-    def drop_digests(self) -> None:
-        """Forget the digests, symlink targets and mtimes; kinds, packages and conffile marks stay.
-
-        For the walk, once verification is over: it reads kinds only, and at
-        1M paths the digests take 30 MB.  Afterwards the entries say
-        ``digest=None``.
-        """
-        self.freeze()
-        shared = self._shared
-        heads: dict[bytes, bytes] = {}  # record head -> the shared record without a digest
-
-        def bare(record: bytes) -> bytes:
-            if len(record) <= DIGEST_AT:
-                return record
-            head = record[:DIGEST_AT]
-            found = heads.get(head)
-            if found is None:
-                found = bytes((head[0] & (KIND_MASK | CONFFILE),)) + head[1:]
-                found = heads[head] = shared.setdefault(found, found)
-            return found
-
-        dirs = self.dirs
-        for base, (names, records) in dirs.items():  # assigning to present keys is safe while iterating
-            dirs[base] = (names, tuple(map(bare, records)))
-        self._read = (None, {})
-
     def entry(self, record: bytes) -> Entry:
         """The :class:`Entry` a record stands for."""
         flags, number = _HEAD.unpack_from(record)
