@@ -15,6 +15,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -640,3 +641,41 @@ def test_a_verification_that_dies_fails_in_one_line_and_closing_one_leaves_no_pr
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # reaped, not left a zombie
     assert verify.Running(manifest, root.root, "all", (b"/",)).result().modified == frozenset(names)
+
+
+def _running(pid: int) -> bool:
+    """Is ``pid`` alive?  One that ended and was not reaped (by init, once orphaned) is not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_verification_still_hashing_dies_with_the_process_that_started_it(tmp_path):
+    # An installed file of 64 GiB (sparse) that no longer has its recorded
+    # md5: hashing it takes minutes, so an orphaned child would outlive the
+    # deadline below by far.
+    root = DebianRoot(tmp_path / "system")
+    root.package("big", files={b"/srv/big/huge": b"as shipped\n"})
+    root.write()
+    os.truncate(root.path(b"/srv/big/huge"), 64 << 30)
+    code = (
+        "import sys, time; from jwbackup import verify; from jwbackup.managers.dpkg import load_manifest\n"
+        "running = verify.Running(load_manifest(sys.argv[1]), sys.argv[1], 'all', (b'/',))\n"
+        "print(running.pid, flush=True); time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code, root.root], stdout=subprocess.PIPE)
+    child = int(parent.stdout.readline())
+    try:
+        assert _running(child)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(child), "the verifying child outlived the process that started it"
+    finally:
+        parent.stdout.close()
+        if _running(child):
+            os.kill(child, signal.SIGKILL)
