@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -228,6 +231,41 @@ def test_full_disk_fails_cleanly_and_keeps_earlier_generations(jwbackup, system,
         assert [e for e in os.listdir(mnt) if e[:1].isdigit() and not e.endswith(".partial")] == [first]
     finally:
         subprocess.run(["umount", "-l", mnt], check=False)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the verification runs alongside on two CPUs only")
+def test_no_process_to_spare_verifies_first_then_fails_in_one_line_touching_nothing(jwbackup):
+    # Run as nobody, held to one process (RLIMIT_NPROC): a real fork fails.
+    # The verification that would run alongside comes first instead and still
+    # finds the modified file; the run then stops where it must start a
+    # process, in one line, and the generation already there is untouched.
+    with tempfile.TemporaryDirectory() as public:  # pytest's tmp_path is private to root
+        os.chmod(public, 0o755)
+        system = System(Path(public))
+        system.configure()
+        system.config.chmod(0o644)
+        backup(jwbackup, system)
+        (first,) = system.generations()
+        before = tree_state(system.dest)
+        with open(system.path(b"/usr/share/doc/tool/README"), "ab") as f:
+            f.write(b"a note of the admin's\n")
+        private = Path(public) / "lock"  # the lock file's directory, made by the run above
+        for mine in (system.dest, private, private / "jwbackup.lock"):
+            os.chown(mine, 65534, 65534)  # nobody's, as the destination and the lock of a run as nobody
+        log = private / "jwbackup.log"
+        result = subprocess.run(
+            ["prlimit", "--nproc=1:1", "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+             JWBACKUP, "-c", system.config, "--root", system.root_dir, "-l", log],
+            capture_output=True, timeout=120,
+        )
+        text = log.read_text()
+        os.chown(system.dest, 0, 0)
+        assert result.returncode != 0
+        assert "verification alongside the walk: Resource temporarily unavailable; verifying first" in text
+        assert re.search(r"verified 3 installed files in [\d.]+ s: .*, 1 modified", text), text
+        error = result.stderr.decode().strip().splitlines()[-1]
+        assert error.startswith("jwbackup: error: ") and "Resource temporarily unavailable" in error, error
+        assert tree_state(system.dest) == before and system.generations() == [first]
 
 
 def test_second_concurrent_run_exits_with_the_lock_message(jwbackup, system):
