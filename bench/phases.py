@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     cfg = config.load(jw.config())
     steps = Steps()
     print(f"unchanged run over {meta['entries']:,} entries, linking against {latest}")
+    synth.warm(os.fsencode(root))  # a tree left cold since it was built would weigh on the first steps only
     manifest = steps.time("manifest (dpkg database)", load_manifest, cfg, root)
     prefix = os.fsencode(root)
     compared = [prefix + path for path, record in manifest.records() if record_algorithm(record)]
