@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -250,8 +251,9 @@ def test_no_process_to_spare_verifies_first_then_fails_in_one_line_touching_noth
         with open(system.path(b"/usr/share/doc/tool/README"), "ab") as f:
             f.write(b"a note of the admin's\n")
         private = Path(public) / "lock"  # the lock file's directory, made by the run above
+        nobody = pwd.getpwnam("nobody")
         for mine in (system.dest, private, private / "jwbackup.lock"):
-            os.chown(mine, 65534, 65534)  # nobody's, as the destination and the lock of a run as nobody
+            os.chown(mine, nobody.pw_uid, nobody.pw_gid)  # as a run as nobody needs them
         log = private / "jwbackup.log"
         result = subprocess.run(
             ["prlimit", "--nproc=1:1", "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
@@ -259,7 +261,7 @@ def test_no_process_to_spare_verifies_first_then_fails_in_one_line_touching_noth
             capture_output=True, timeout=120,
         )
         text = log.read_text()
-        os.chown(system.dest, 0, 0)
+        os.chown(system.dest, 0, 0)  # root's again, as ``before`` saw it
         assert result.returncode != 0
         assert "verification alongside the walk: Resource temporarily unavailable; verifying first" in text
         assert re.search(r"verified 3 installed files in [\d.]+ s: .*, 1 modified", text), text
