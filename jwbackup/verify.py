@@ -227,7 +227,8 @@ class Running:
             _, status = os.waitpid(self.pid, 0)
             self.pid = None
             if status or not data:  # a report cut short is none
-                raise VerificationError(f"verification: the process verifying ended without a report ({ended(os.waitstatus_to_exitcode(status))})")
+                how = ended(os.waitstatus_to_exitcode(status))
+                raise VerificationError(f"verification: the process verifying ended without a report ({how})")
             records, outcome = pickle.loads(data)
             for name, level, message in records:
                 logging.getLogger(name).log(level, "%s", message)
