@@ -85,12 +85,14 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
                 raise _transfer_error(t, result, partial, builder)
             for line in result.errors:
                 logger.warning("%s: %s", builder, line)
+            unreadable = len(selector.stats.unreadable)
+            status = EX_WARNINGS if result.returncode == rsync.PARTIAL or unreadable else EX_OK
             if dry_run:
                 sys.stdout.buffer.write(result.output)
                 plan = generations.plan_retention(listing.complete, dest.generations, dest.keep)
                 for old in plan.remove:
                     logger.info("dry run: retention would remove %s", old)
-                return Outcome(None, EX_OK, plan.remove)
+                return Outcome(None, status, plan.remove)
 
             repo.commit(partial, name, {
                 "files": result.stats.files,
@@ -101,13 +103,13 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
                 "started_ns": started_ns,
                 "source": source,
                 "incomplete": result.returncode == rsync.PARTIAL,  # some files or attributes not copied
+                "unreadable": unreadable,  # roots and directories the walk could not read
             })
             plan = generations.plan_retention((name,) + listing.complete, dest.generations, dest.keep)
             for old in plan.remove:
                 logger.info("removing expired generation %s", old)
             repo.remove(*listing.partial, *plan.remove)
 
-        status = EX_WARNINGS if result.returncode == rsync.PARTIAL else EX_OK
         _summary(name, result, selector.stats, plan.remove, time.monotonic() - started, status)
         status = hook_run.after(name, status)
     return Outcome(name, status, plan.remove)
@@ -172,6 +174,10 @@ def _summary(name, result, walk, removed, elapsed, status) -> None:
         f"  linked:    {s.linked:,} unchanged files shared with the previous generation",
         f"  left out:  {walk.owned:,} installed files; {walk.modified:,} modified package files kept",
     ]
+    if walk.unreadable:
+        names = ", ".join(os.fsdecode(path) for path, _ in walk.unreadable[:3])
+        more = f" and {len(walk.unreadable) - 3} more" if len(walk.unreadable) > 3 else ""
+        lines.append(f"  not read:  {len(walk.unreadable)} roots or directories, left out: {names}{more}")
     if walk.skipped:
         lines.append(f"  skipped:   {len(walk.skipped)} directories (prune list, .no-backup, CACHEDIR.TAG)")
     if removed:

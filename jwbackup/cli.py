@@ -3,7 +3,7 @@
 Exit codes (also in jwbackup(8)):
 
   0   success
-  1   the backup was written, with warnings (files that could not be read)
+  1   the backup was written, with warnings (files or directories that could not be read)
   2   the run failed; earlier generations are untouched
   64  usage error
   65  a package database that cannot be read safely

@@ -5,7 +5,7 @@ code raises and lets them travel.  The codes borrow from sysexits(3).
 """
 
 EX_OK = 0
-EX_WARNINGS = 1  # the generation was written, but some files could not be read
+EX_WARNINGS = 1  # the generation was written, but some files or directories could not be read
 EX_FAILURE = 2  # the run failed; nothing was committed
 EX_USAGE = 64
 EX_DATAERR = 65

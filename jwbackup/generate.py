@@ -16,7 +16,7 @@ import time
 
 from jwbackup import managers, manifestcache, pkgstate, verify
 from jwbackup.config import Config
-from jwbackup.errors import EX_OK
+from jwbackup.errors import EX_OK, EX_WARNINGS
 from jwbackup.excludes import owned_unmodified, write_atomically, write_rules
 from jwbackup.managers import Manifest
 from jwbackup.select import Selector, system_path
@@ -89,7 +89,7 @@ def files(cfg: Config, root: str, null: bool = False, no_dirs: bool = False, wri
     out.flush()
     if skipped:
         logger.warning("%d paths hold a newline and were left out; use -0", skipped)
-    return EX_OK
+    return EX_WARNINGS if selector.stats.unreadable else EX_OK
 
 
 def excludes(cfg: Config, root: str, fmt: str, output: str | None = None, null: bool = False,

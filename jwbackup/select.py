@@ -22,6 +22,7 @@ from operator import attrgetter
 from typing import AbstractSet, Iterable, Iterator
 
 from jwbackup import cachedir
+from jwbackup.errors import JwbackupError
 from jwbackup.managers import DIR, FILE, KIND_MASK, KINDS, SYMLINK, Manifest
 from jwbackup.paths import Canonicalizer
 from jwbackup.verify import Running, Verifier, check
@@ -42,7 +43,8 @@ class Stats:
     selected: int = 0  # paths yielded, directories included
     owned: int = 0  # installed and unmodified: left out
     modified: int = 0  # installed but changed: kept
-    skipped: list[tuple[bytes, str]] = field(default_factory=list)  # (path, why)
+    skipped: list[tuple[bytes, str]] = field(default_factory=list)  # (path, why): pruned or marked
+    unreadable: list[tuple[bytes, str]] = field(default_factory=list)  # (path, why): roots and directories not read
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -128,6 +130,10 @@ class Selector:
         With ``directories=False`` only empty directories are yielded, for
         tools that back up everything below a directory they are given.
 
+        Roots and directories that cannot be read are left out with a
+        warning and listed in ``stats.unreadable``; when no root can be read
+        at all, the walk raises JwbackupError at its end.
+
         With a verification still running (:class:`~jwbackup.verify.Running`),
         the walk passes over every installed file of the right kind, then
         waits for it and yields the modified ones among them, each after
@@ -141,6 +147,9 @@ class Selector:
                 continue  # nested inside a root already walked
             seen.add(top)
             yield from self._walk(top, directories, modified)
+        if not self._walked and self.stats.unreadable:
+            raise JwbackupError("nothing to back up: no root can be read ("
+                                + "; ".join(f"{os.fsdecode(p)}: {why}" for p, why in self.stats.unreadable) + ")")
         if running:
             self.verifier = running.result()
             yield from self._passed_over(self.verifier.modified, directories)
@@ -160,9 +169,11 @@ class Selector:
             st = os.lstat(prefix + top)
         except OSError as exc:
             logger.warning("root %s cannot be read: %s", os.fsdecode(top), exc.strerror)
+            stats.unreadable.append((top, exc.strerror or "unreadable"))
             return
         if not stat.S_ISDIR(st.st_mode):
             logger.warning("root %s is not a directory; skipped", os.fsdecode(top))
+            stats.unreadable.append((top, "not a directory"))
             return
         listing = self._enter(top)
         if listing is None:
@@ -242,7 +253,7 @@ class Selector:
         not a directory and of the kind its record says.  A few lstat calls
         each: modified files are few.
         """
-        skipped = self.prune | {path for path, _ in self.stats.skipped}
+        skipped = self.prune | {path for path, _ in self.stats.skipped + self.stats.unreadable}
         for path in sorted(modified):
             top = next((t for t in self._walked if path.startswith(join(t, b""))), None)
             if top is None:
@@ -303,7 +314,7 @@ class Selector:
             return None  # vanished on a live system
         except OSError as exc:
             logger.warning("cannot list %s: %s", os.fsdecode(path), exc.strerror)
-            self.stats.skipped.append((path, exc.strerror or "unreadable"))
+            self.stats.unreadable.append((path, exc.strerror or "unreadable"))
             return None
         self.stats.directories += 1
         if _MARKERS.isdisjoint(map(_NAME, listing)):  # in C: almost every directory

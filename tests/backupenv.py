@@ -55,9 +55,10 @@ class System:
             f.write(content)
         return real
 
-    def configure(self, directory: str | None = None, extra: str = "", destination: str = "") -> Path:
+    def configure(self, directory: str | None = None, extra: str = "", destination: str = "",
+                  roots: tuple[str, ...] = ("/",)) -> Path:
         self.config.write_text(
-            "root: /\n"
+            f"root: [{', '.join(roots)}]\n"
             f"lock_file: {self.tmp}/lock/jwbackup.lock\n"
             "destination:\n"
             f"  directory: {directory or self.dest}\n"

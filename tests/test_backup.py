@@ -234,6 +234,58 @@ def test_full_disk_fails_cleanly_and_keeps_earlier_generations(jwbackup, system,
         subprocess.run(["umount", "-l", mnt], check=False)
 
 
+def test_unreadable_roots_and_directories_commit_the_rest_with_warnings_and_exit_1(jwbackup, system, tmp_path):
+    # Without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH a mode-000 directory of
+    # another user cannot be listed, as on an NFS /home with root_squash.
+    system.configure(roots=("/etc", "/home", "/srv", "/not-mounted"))
+    system.write(b"/srv/open/data", b"fine\n")
+    system.write(b"/srv/locked/secret", b"secret\n")
+    os.chown(system.path(b"/srv/locked"), 1234, 1234)
+    os.chmod(system.path(b"/srv/locked"), 0o000)
+    log = tmp_path / "jwbackup.log"
+    unprivileged = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", str(JWBACKUP), "-l", str(log),
+                    "-c", str(system.config), "--root", system.root_dir]
+    result = subprocess.run(unprivileged, capture_output=True)
+    assert result.returncode == 1, result.stderr.decode()
+    assert result.stderr.decode().splitlines() == [
+        "jwbackup: root /not-mounted cannot be read: No such file or directory",
+        "jwbackup: cannot list /srv/locked: Permission denied",
+    ]
+    (gen,) = system.generations()
+    for path in (b"/srv/open/data", b"/home/alice/notes.txt", b"/etc/hostname"):
+        assert os.path.isfile(system.in_generation(gen, path)), path
+    assert not os.path.lexists(system.in_generation(gen, b"/srv/locked"))
+    text = log.read_text()
+    assert f"generation {gen} completed with warnings" in text
+    assert "  not read:  2 roots or directories, left out: /not-mounted, /srv/locked\n" in text
+    assert json.loads((system.dest / ".stats" / f"{gen}.json").read_text())["unreadable"] == 2
+    # the file list for restic or tar says the same: the list lacks something
+    listed = subprocess.run(unprivileged + ["files", "--no-package-state"], capture_output=True)
+    assert listed.returncode == 1, listed.stderr.decode()
+    assert b"/srv/open/data\n" in listed.stdout and b"/srv/locked" not in listed.stdout
+
+
+@pytest.mark.parametrize("where, extra", [("local", ""), ("local", "transfer: rsync\n"), ("ssh", "")])
+def test_no_readable_root_fails_in_one_line_and_expires_nothing(jwbackup, system, request, where, extra):
+    destination = ssh_destination(request.getfixturevalue("sshd")) if where == "ssh" else ""
+    destination += "  generations: 1\n"
+    system.configure(destination=destination, extra=extra)
+    backup(jwbackup, system)
+    backup(jwbackup, system)  # over ssh, the second run plans against the first
+    (first,) = system.generations()
+    before = tree_state(system.dest / first)
+    system.configure(destination=destination, extra=extra, roots=("/not-mounted", "/srv"))
+    result = backup(jwbackup, system, ok=False)
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1] == (
+        "jwbackup: error: nothing to back up: no root can be read "
+        "(/not-mounted: No such file or directory; /srv: No such file or directory)"
+    )
+    assert system.generations() == [first]
+    assert tree_state(system.dest / first) == before
+    assert os.readlink(system.dest / "latest") == first
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the verification runs alongside on two CPUs only")
 def test_no_process_to_spare_verifies_first_then_fails_in_one_line_touching_nothing(jwbackup):
     # Run as nobody, held to one process (RLIMIT_NPROC): a real fork fails.
