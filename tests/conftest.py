@@ -1,8 +1,9 @@
-"""Shared fixtures: run the installed ``jwbackup`` command as a user would."""
+"""Shared fixtures: the installed ``jwbackup`` command run as a user would, a real sshd, a user with a password."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -59,3 +60,19 @@ def real_state_dir_restored():
             shutil.rmtree(os.path.join(state, name), ignore_errors=True)
     if not existed[""] and os.path.isdir(state) and not os.listdir(state):
         os.rmdir(state)
+
+
+@pytest.fixture
+def password_user():
+    """A temporary local user with a password; removed even when the test fails."""
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd")
+    name = f"jwbt{os.getpid() % 100000}"
+    password = "pw " + secrets.token_hex(8)
+    subprocess.run(["useradd", "--no-create-home", "--home-dir", "/", "--shell", "/bin/sh", name],
+                   check=True, capture_output=True)
+    try:
+        subprocess.run(["chpasswd"], input=f"{name}:{password}\n".encode(), check=True, capture_output=True)
+        yield name, password
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)

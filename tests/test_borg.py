@@ -104,6 +104,10 @@ def write_jwbackup_config(tmp: Path) -> Path:
 
 @pytest.fixture
 def system(tmp_path):
+    return backed_up_system(tmp_path)
+
+
+def backed_up_system(tmp_path: Path):
     """The fake root, a jwbackup config for it, and the file set of its rsync generation."""
     root = build_root(tmp_path / "root")
     cfg = write_jwbackup_config(tmp_path)

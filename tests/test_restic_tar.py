@@ -16,9 +16,14 @@ from pathlib import Path
 
 import pytest
 from conftest import JWBACKUP
-from test_borg import OWNED, SKIPPED, non_directories, system  # noqa: F401  (system is a fixture)
+from test_borg import OWNED, SKIPPED, backed_up_system, non_directories
 
 from jwbackup.excludes import write_rules
+
+@pytest.fixture
+def system(tmp_path):
+    return backed_up_system(tmp_path)
+
 
 needs_restic = pytest.mark.skipif(not shutil.which("restic"), reason="restic is not installed (Debian package restic)")
 

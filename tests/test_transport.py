@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import contextlib
 import os
-import secrets
 import shutil
 import subprocess
 import threading
@@ -275,22 +274,6 @@ def test_missing_sshpass_is_one_clear_line(sshd, tmp_path, runtime_dir, monkeypa
         with pytest.raises(CommandNotFoundError) as raised:
             ssh.run(["true"])
     assert one_line(raised.value) == "sshpass: command not found; install the sshpass package"
-
-
-@pytest.fixture
-def password_user():
-    """A temporary local user with a password; removed even when the test fails."""
-    if os.geteuid() != 0 or not shutil.which("useradd"):
-        pytest.skip("needs root and useradd")
-    name = f"jwbt{os.getpid() % 100000}"
-    password = "pw " + secrets.token_hex(8)
-    subprocess.run(["useradd", "--no-create-home", "--home-dir", "/", "--shell", "/bin/sh", name],
-                   check=True, capture_output=True)
-    try:
-        subprocess.run(["chpasswd"], input=f"{name}:{password}\n".encode(), check=True, capture_output=True)
-        yield name, password
-    finally:
-        subprocess.run(["userdel", name], capture_output=True)
 
 
 def _cmdlines() -> list[bytes]:

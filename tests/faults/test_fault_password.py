@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from backupenv import System
-from test_transport import cmdlines_seen, password_user  # noqa: F401  (fixture)
+from test_transport import cmdlines_seen
 
 
 @pytest.fixture
