@@ -43,6 +43,7 @@ backup: deb
 
 ## check: install every test dependency and run the test suite
 check: test-deps venv
+	$(VENV)/bin/python -m pyflakes jwbackup tests bench tools
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests
 
 ## deb: build build/deb/jwbackup_<version>_all.deb from a copy of the tree
