@@ -44,6 +44,10 @@ def list_generations(cfg: Config, as_json: bool = False) -> int:
             "files": stats.get(name, {}).get("files"),
             "size": stats.get(name, {}).get("size"),
             "packages": packages.get(name),
+            # committed with warnings: files or attributes rsync could not copy,
+            # roots and directories the walk could not read (None: not recorded)
+            "incomplete": stats.get(name, {}).get("incomplete"),
+            "unreadable": stats.get(name, {}).get("unreadable"),
         }
         for name in listing.complete
     ]
@@ -57,10 +61,20 @@ def list_generations(cfg: Config, as_json: bool = False) -> int:
         files = f"{row['files']:,}" if row["files"] is not None else "?"
         size = human_size(row["size"]) if row["size"] is not None else "?"
         count = f"{row['packages']:,}" if row["packages"] is not None else "?"
-        print(f"{row['name']:<20}  {files:>10}  {size:>10}  {count:>8}")
+        print(f"{row['name']:<20}  {files:>10}  {size:>10}  {count:>8}{_warnings(row)}".rstrip())
     for name in listing.partial:
         print(f"{name}  (interrupted; linked against by the next run, then removed)")
     return EX_OK
+
+
+def _warnings(row: dict) -> str:
+    """What a generation committed with warnings lacks, for the end of its line in the listing."""
+    warnings = []
+    if row["incomplete"]:
+        warnings.append("files not copied")
+    if row["unreadable"]:
+        warnings.append(f"{row['unreadable']} roots or directories not read")
+    return f"  (with warnings: {', '.join(warnings)})" if warnings else ""
 
 
 def prune(cfg: Config, dry_run: bool = False) -> int:

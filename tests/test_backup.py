@@ -258,7 +258,10 @@ def test_unreadable_roots_and_directories_commit_the_rest_with_warnings_and_exit
     text = log.read_text()
     assert f"generation {gen} completed with warnings" in text
     assert "  not read:  2 roots or directories, left out: /not-mounted, /srv/locked\n" in text
-    assert json.loads((system.dest / ".stats" / f"{gen}.json").read_text())["unreadable"] == 2
+    listed = jwbackup("-c", system.config, "list")
+    assert listed.stdout.decode().splitlines()[1].endswith("  (with warnings: 2 roots or directories not read)")
+    (row,) = json.loads(jwbackup("-c", system.config, "list", "--json").stdout)["generations"]
+    assert (row["unreadable"], row["incomplete"]) == (2, False)
     # the file list for restic or tar says the same: the list lacks something
     listed = subprocess.run(unprivileged + ["files", "--no-package-state"], capture_output=True)
     assert listed.returncode == 1, listed.stderr.decode()

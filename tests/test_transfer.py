@@ -707,6 +707,8 @@ def test_unreadable_file_commits_with_a_warning_as_rsync_exit_23(jwbackup, tmp_p
         assert not (gens[way] / "srv/locked").exists()
     assert "srv/locked" in (tmp_path / "auto.log").read_text()
     assert describe(gens["auto"] / "srv") == describe(gens["rsync"] / "srv")
+    listed = subprocess.run([_jwbackup(), "-l", "-", "-c", str(system.config), "list"], capture_output=True)
+    assert listed.stdout.decode().splitlines()[1].endswith("  (with warnings: files not copied)"), listed
 
 
 def _jwbackup() -> str:
