@@ -26,6 +26,7 @@ VENV_JWBACKUP = Path(sys.executable).with_name("jwbackup")
 PACKAGE_ETC_FILES = (
     "/etc/jwbackup.yaml", "/etc/default/jwbackup", "/etc/cron.daily/jwbackup", "/etc/logrotate.d/jwbackup",
 )
+STATE_DIR = "/var/lib/jwbackup"  # removed by purge
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache")
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
@@ -224,8 +225,10 @@ def apt_install(deb: Path) -> None:
 def installed(debs, tmp_path_factory):
     """The first .deb installed; purged afterwards, the machine's state put back.
 
-    /etc files the package owns are restored as they were; a jwbackup of the
-    same version installed before (``make backup``) is installed again.
+    /etc files the package owns are restored as they were, and so is
+    /var/lib/jwbackup (the caches and package state that purging removes); a
+    jwbackup of the same version installed before (``make backup``) is
+    installed again.
     """
     before = installed_version()
     if package_state() is not None and before != changelog_version_of(debs[0]):
@@ -236,6 +239,9 @@ def installed(debs, tmp_path_factory):
         if os.path.lexists(path):
             previous[path] = saved / path.strip("/").replace("/", "_")
             shutil.copy2(path, previous[path], follow_symlinks=False)
+    state = saved / "var-lib-jwbackup"
+    if os.path.isdir(STATE_DIR):
+        shutil.copytree(STATE_DIR, state, symlinks=True)
     try:
         apt_install(debs[0])
         yield debs
@@ -244,6 +250,9 @@ def installed(debs, tmp_path_factory):
         for path, copy in previous.items():
             os.makedirs(os.path.dirname(path), exist_ok=True)
             shutil.copy2(copy, path, follow_symlinks=False)
+        if state.is_dir():
+            shutil.rmtree(STATE_DIR, ignore_errors=True)
+            shutil.copytree(state, STATE_DIR, symlinks=True)
         if before is not None:
             apt_install(debs[0])
             for path in PACKAGE_ETC_FILES:  # dpkg's copy of a file kept by --force-confold
