@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from contextlib import suppress
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import AbstractSet, Iterable, Iterator
@@ -172,8 +173,12 @@ class Selector:
             stats.unreadable.append((top, exc.strerror or "unreadable"))
             return
         if not stat.S_ISDIR(st.st_mode):
-            logger.warning("root %s is not a directory; skipped", os.fsdecode(top))
-            stats.unreadable.append((top, "not a directory"))
+            why = "not a directory"
+            if stat.S_ISLNK(st.st_mode):  # followed nowhere, roots included: name the directory itself
+                with suppress(OSError):
+                    why = f"a symlink to {os.fsdecode(os.readlink(prefix + top))}, not a directory"
+            logger.warning("root %s is %s; skipped", os.fsdecode(top), why)
+            stats.unreadable.append((top, why))
             return
         listing = self._enter(top)
         if listing is None:

@@ -237,8 +237,9 @@ def test_full_disk_fails_cleanly_and_keeps_earlier_generations(jwbackup, system,
 def test_unreadable_roots_and_directories_commit_the_rest_with_warnings_and_exit_1(jwbackup, system, tmp_path):
     # Without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH a mode-000 directory of
     # another user cannot be listed, as on an NFS /home with root_squash.
-    system.configure(roots=("/etc", "/home", "/srv", "/not-mounted"))
+    system.configure(roots=("/etc", "/home", "/srv", "/not-mounted", "/www"))
     system.write(b"/srv/open/data", b"fine\n")
+    os.symlink("/srv/open", system.path(b"/www"))  # a root is never followed either
     system.write(b"/srv/locked/secret", b"secret\n")
     os.chown(system.path(b"/srv/locked"), 1234, 1234)
     os.chmod(system.path(b"/srv/locked"), 0o000)
@@ -250,6 +251,7 @@ def test_unreadable_roots_and_directories_commit_the_rest_with_warnings_and_exit
     assert result.stderr.decode().splitlines() == [
         "jwbackup: root /not-mounted cannot be read: No such file or directory",
         "jwbackup: cannot list /srv/locked: Permission denied",
+        "jwbackup: root /www is a symlink to /srv/open, not a directory; skipped",
     ]
     (gen,) = system.generations()
     for path in (b"/srv/open/data", b"/home/alice/notes.txt", b"/etc/hostname"):
@@ -257,11 +259,11 @@ def test_unreadable_roots_and_directories_commit_the_rest_with_warnings_and_exit
     assert not os.path.lexists(system.in_generation(gen, b"/srv/locked"))
     text = log.read_text()
     assert f"generation {gen} completed with warnings" in text
-    assert "  not read:  2 roots or directories, left out: /not-mounted, /srv/locked\n" in text
+    assert "  not read:  3 roots or directories, left out: /not-mounted, /srv/locked, /www\n" in text
     listed = jwbackup("-c", system.config, "list")
-    assert listed.stdout.decode().splitlines()[1].endswith("  (with warnings: 2 roots or directories not read)")
+    assert listed.stdout.decode().splitlines()[1].endswith("  (with warnings: 3 roots or directories not read)")
     (row,) = json.loads(jwbackup("-c", system.config, "list", "--json").stdout)["generations"]
-    assert (row["unreadable"], row["incomplete"]) == (2, False)
+    assert (row["unreadable"], row["incomplete"]) == (3, False)
     # the file list for restic or tar says the same: the list lacks something
     listed = subprocess.run(unprivileged + ["files", "--no-package-state"], capture_output=True)
     assert listed.returncode == 1, listed.stderr.decode()
