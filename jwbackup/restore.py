@@ -92,7 +92,7 @@ def restore_command(source: str, target: str, *, recursive: bool, transport_args
     (``--no-implied-dirs``).  Without ``recursive`` only the listed entries
     themselves are copied (used for the parents that have to be recreated).
     """
-    argv = ["rsync", "-aHAX", "--numeric-ids", "--files-from=-", "--from0", "--no-implied-dirs"]
+    argv = ["rsync", "-aHAX", "--sparse", "--numeric-ids", "--files-from=-", "--from0", "--no-implied-dirs"]
     argv.append("--recursive" if recursive else "--no-recursive")
     argv += list(transport_args)
     if delete:

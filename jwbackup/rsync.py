@@ -88,8 +88,10 @@ def make_command(
     ``source`` and ``target`` are directories; trailing slashes are added.
     """
     # --ignore-missing-args: a listed path deleted between the walk and the
-    # transfer is left out quietly, as if the walk had not met it (else exit 23)
-    argv = ["rsync", "-aHAX", "--numeric-ids", "--files-from=-", "--from0", "--ignore-missing-args", "--stats"]
+    # transfer is left out quietly, as if the walk had not met it (else exit 23).
+    # --sparse: a VM image or /var/log/lastlog costs its data, not its size
+    argv = ["rsync", "-aHAX", "--sparse", "--numeric-ids", "--files-from=-", "--from0", "--ignore-missing-args",
+            "--stats"]
     argv += list(transport_args)
     argv += [f"--link-dest={d}" for d in link_dests[:MAX_LINK_DESTS]]
     if dry_run:

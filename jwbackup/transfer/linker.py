@@ -235,6 +235,31 @@ class _Run:
         self.partial |= other.partial
 
 
+def _data_extents(fd: int) -> tuple[int, list[tuple[int, int]]] | None:
+    """(size, [(start, end), ...] of each data extent) of an open file, or None
+    when its filesystem cannot tell data from holes.  The offset is left at 0."""
+    size = os.fstat(fd).st_size
+    spans = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break  # a hole to the end
+                raise
+            if start >= size:
+                break
+            pos = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            spans.append((start, pos))
+    except OSError:
+        return None
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    return size, spans
+
+
 def _show(path: bytes) -> str:
     return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
@@ -606,22 +631,47 @@ class Linker:
         run.stats.transferred_size += copied
 
     def _content(self, rfd: int, wfd: int, entry: _Entry) -> int:
-        """Copy ``rfd`` to ``wfd`` in the kernel where it can: ``copy_file_range``
-        (within a filesystem, where it may share blocks), else ``sendfile``
-        (any two files); ``read``/``write`` when neither works, which also tells
-        whose error it was.  A source filesystem that refuses
-        ``copy_file_range`` (another filesystem than the destination's) is not
-        asked again: a first run would pay a failing call per file."""
+        """Copy ``rfd`` to ``wfd``; the bytes copied, as rsync counts them.
+
+        A source with holes (fewer blocks than its size needs: a VM image,
+        ``/var/log/lastlog``) keeps them: only its data extents are copied,
+        as ``rsync --sparse`` leaves zeros out, so it costs its data at the
+        destination, not its size.
+        """
+        if entry.st.st_blocks * 512 < entry.st.st_size:
+            extents = _data_extents(rfd)
+            if extents is not None:
+                size, spans = extents
+                for start, end in spans:
+                    os.lseek(rfd, start, os.SEEK_SET)
+                    os.lseek(wfd, start, os.SEEK_SET)
+                    self._stream(rfd, wfd, entry, end - start)
+                try:
+                    os.ftruncate(wfd, size)
+                except OSError as exc:
+                    raise self._dest_error(entry.parts, exc)
+                return size
+        return self._stream(rfd, wfd, entry)
+
+    def _stream(self, rfd: int, wfd: int, entry: _Entry, count: int | None = None) -> int:
+        """Copy to the end of ``rfd``, or ``count`` bytes, in the kernel where it
+        can: ``copy_file_range`` (within a filesystem, where it may share
+        blocks), else ``sendfile`` (any two files); ``read``/``write`` when
+        neither works, which also tells whose error it was.  A source
+        filesystem that refuses ``copy_file_range`` (another filesystem than
+        the destination's) is not asked again: a first run would pay a failing
+        call per file."""
         total = 0
         way = _SENDFILE if entry.st.st_dev in self._no_range else _RANGE
-        while True:
+        while count is None or total < count:
+            chunk = _CHUNK if count is None else min(_CHUNK, count - total)
             try:
                 if way == _RANGE:
-                    n = os.copy_file_range(rfd, wfd, _CHUNK)
+                    n = os.copy_file_range(rfd, wfd, chunk)
                 elif way == _SENDFILE:
-                    n = os.sendfile(wfd, rfd, None, _CHUNK)
+                    n = os.sendfile(wfd, rfd, None, chunk)
                 else:
-                    n = self._read_write(rfd, wfd, entry)
+                    n = self._read_write(rfd, wfd, entry, chunk)
             except OSError as exc:
                 if exc.errno in _DEST_FULL:
                     raise self._dest_error(entry.parts, exc)
@@ -630,12 +680,13 @@ class Linker:
                 way += 1
                 continue
             if n == 0:
-                return total
+                break
             total += n
+        return total
 
-    def _read_write(self, rfd: int, wfd: int, entry: _Entry) -> int:
+    def _read_write(self, rfd: int, wfd: int, entry: _Entry, count: int) -> int:
         try:
-            data = os.read(rfd, 1 << 20)
+            data = os.read(rfd, min(count, 1 << 20))
         except OSError as exc:
             raise SourceError(f'read errors mapping "{_show(entry.path)}": {exc.strerror}') from None
         view = memoryview(data)
