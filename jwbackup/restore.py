@@ -337,8 +337,9 @@ def _generation_records(repo: Repository, name: str) -> dict[bytes, Record]:
     return parse_find(result.stdout)
 
 
-def _live_records(cfg: Config, root: str) -> dict[bytes, Record]:
-    """What a backup would hold now (the selection), with the roots' parent directories."""
+def _live_records(cfg: Config, root: str) -> tuple[dict[bytes, Record], int]:
+    """What a backup would hold now (the selection), with the roots' parent
+    directories; and how many roots or directories could not be read."""
     from jwbackup.generate import load_manifest, make_selector
 
     manifest = load_manifest(cfg, root)
@@ -356,7 +357,7 @@ def _live_records(cfg: Config, root: str) -> dict[bytes, Record]:
         record = live_record(prefix + path)
         if record is not None:
             records[path] = record
-    return records
+    return records, len(selector.stats.unreadable)
 
 
 def diff(cfg: Config, root: str, names: list[str], null: bool = False) -> int:
@@ -369,8 +370,9 @@ def diff(cfg: Config, root: str, names: list[str], null: bool = False) -> int:
         picked = [pick_generation(complete, n) for n in names]
         old = _generation_records(repo, picked[0])
         new = _generation_records(repo, picked[1]) if len(picked) == 2 else None
+    unreadable = 0  # on the system now: what is below them shows as removed
     if new is None:
-        new = _live_records(cfg, root)
+        new, unreadable = _live_records(cfg, root)
     sep = b"\0" if null else b"\n"
     out = sys.stdout.buffer
     skipped = 0
@@ -382,4 +384,4 @@ def diff(cfg: Config, root: str, names: list[str], null: bool = False) -> int:
     out.flush()
     if skipped:
         logger.warning("%d paths hold a newline and were left out; use -0", skipped)
-    return EX_OK
+    return EX_WARNINGS if unreadable else EX_OK

@@ -327,6 +327,9 @@ def test_unreadable_roots_and_directories_commit_the_rest_with_warnings_and_exit
     listed = subprocess.run(unprivileged + ["files", "--no-package-state"], capture_output=True)
     assert listed.returncode == 1, listed.stderr.decode()
     assert b"/srv/open/data\n" in listed.stdout and b"/srv/locked" not in listed.stdout
+    # and so does a comparison with the system now
+    compared = subprocess.run(unprivileged + ["diff", gen], capture_output=True)
+    assert (compared.returncode, compared.stdout) == (1, b""), compared.stderr.decode()
 
 
 @pytest.mark.parametrize("where, extra", [("local", ""), ("local", "transfer: rsync\n"), ("ssh", "")])
