@@ -152,6 +152,15 @@ def _interactive() -> bool:
     return sys.stderr.isatty() or "JOURNAL_STREAM" in os.environ
 
 
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """The log, reopened when logrotate moves it; created mode 0640 whatever
+    the umask (cron's is 022): it names the files of every user."""
+
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=lambda path, flags: os.open(path, flags, 0o640))
+
+
 def setup_logging(level: str, log_file: str) -> None:
     root = logging.getLogger()
     root.setLevel(level)
@@ -165,7 +174,7 @@ def setup_logging(level: str, log_file: str) -> None:
         return
     stderr.setLevel(level if _interactive() else logging.WARNING)
     try:
-        handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8", errors="backslashreplace")
+        handler = _LogFile(log_file, encoding="utf-8", errors="backslashreplace")
     except OSError as exc:
         logger.warning("cannot write the log file %s (%s); logging to stderr only", log_file, exc.strerror)
         stderr.setLevel(level)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import tempfile
@@ -9,6 +10,7 @@ import tempfile
 from conftest import JWBACKUP
 
 import jwbackup
+from jwbackup import cli
 
 
 def run(*args, env=None):
@@ -64,6 +66,27 @@ def test_unwritable_log_file_falls_back_to_stderr(tmp_path):
     result = run("-c", cfg, "-l", log, "files")
     assert result.returncode == 0
     assert f"cannot write the log file {log}" in result.stderr.decode()
+
+
+def test_log_file_is_created_for_root_and_its_group_only_also_after_logrotate_moves_it(tmp_path):
+    log = tmp_path / "jwbackup.log"
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    umask = os.umask(0o022)  # cron's
+    try:
+        cli.setup_logging("INFO", str(log))
+        logging.getLogger("jwbackup").info("first run")
+        assert os.stat(log).st_mode & 0o777 == 0o640
+        log.rename(tmp_path / "jwbackup.log.1")
+        logging.getLogger("jwbackup").info("still running")
+        assert os.stat(log).st_mode & 0o777 == 0o640
+        assert "still running" in log.read_text() and "first run" not in log.read_text()
+    finally:
+        os.umask(umask)
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
 
 
 def test_non_root_user_gets_a_warning_not_a_crash():
