@@ -9,6 +9,7 @@ the package would have replaced.
 from __future__ import annotations
 
 import argparse
+import grp
 import os
 import re
 import shutil
@@ -302,6 +303,21 @@ def test_logrotate_accepts_the_config(installed):
         pytest.skip("logrotate is not installed")
     result = run("logrotate", "--debug", "/etc/logrotate.d/jwbackup")
     assert "/var/log/jwbackup.log" in result.stdout + result.stderr
+
+
+def test_logrotate_leaves_a_log_for_root_and_adm_only(tmp_path):
+    """Even a log that was world-readable before (jwbackup 0.1 under cron's umask)."""
+    if shutil.which("logrotate") is None:
+        pytest.skip("logrotate is not installed")
+    log = tmp_path / "jwbackup.log"
+    log.write_text("a line\n")
+    log.chmod(0o644)
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text((TREE / "etc" / "logrotate.d" / "jwbackup").read_text().replace("/var/log/jwbackup.log", str(log)))
+    run("logrotate", "--force", "--state", str(tmp_path / "state"), str(conf))
+    assert (tmp_path / "jwbackup.log.1").read_text() == "a line\n"  # delaycompress: the newest stays plain
+    st = os.stat(log)
+    assert (st.st_size, st.st_mode & 0o777, st.st_uid, grp.getgrgid(st.st_gid).gr_name) == (0, 0o640, 0, "adm")
 
 
 def cron_daily(opts: str, systemd: bool = False) -> subprocess.CompletedProcess:
