@@ -22,11 +22,13 @@ from datetime import datetime
 from jwbackup import confine, generations, hooks, rsync, transfer, transport
 from jwbackup.config import Config
 from jwbackup.errors import EX_OK, EX_WARNINGS, ConfigError, JwbackupError, TransferError
+from jwbackup.excludes import rsync_rule
 from jwbackup.execute import first_cause
 from jwbackup.generate import load_manifest, make_selector
 from jwbackup.generations import PARTIAL_SUFFIX
 from jwbackup.lock import Lock
 from jwbackup.repository import Repository
+from jwbackup.select import SWAP_FILE
 from jwbackup.transfer import remote
 
 logger = logging.getLogger(__name__)
@@ -124,12 +126,14 @@ def _build(cfg: Config, t, repo: Repository, root: str, selector, latest: str | 
                                    previous=previous, source=source)
     logger.info("backing up %s to %s with %s (%s)", ", ".join(cfg.roots), _where(t, repo.path(partial)), builder, why)
     paths = selector.select(cfg.roots)
+    swap_files = selector.swap_files()  # a listed / would bring /swapfile along
     if builder == transfer.LINKER:
-        return builder, transfer.build(root, paths, repo.path(partial), link_dests)
+        return builder, transfer.build(root, paths, repo.path(partial), link_dests, excludes=swap_files)
     with confine.source(root) as (source_path, fds):  # rsync reads where no symlink is followed
         argv = rsync.make_command(
             source_path, t.rsync_target(repo.path(partial)), link_dests,
             transport_args=t.rsync_args(), dry_run=dry_run, progress=progress,
+            filters=[rsync_rule(path) for path in swap_files],
         )
 
         def send(listed):
@@ -178,8 +182,11 @@ def _summary(name, result, walk, removed, elapsed, status) -> None:
         names = ", ".join(os.fsdecode(path) for path, _ in walk.unreadable[:3])
         more = f" and {len(walk.unreadable) - 3} more" if len(walk.unreadable) > 3 else ""
         lines.append(f"  not read:  {len(walk.unreadable)} roots or directories, left out: {names}{more}")
-    if walk.skipped:
-        lines.append(f"  skipped:   {len(walk.skipped)} directories (prune list, .no-backup, CACHEDIR.TAG)")
+    swap_files = [os.fsdecode(path) for path, why in walk.skipped if why == SWAP_FILE]
+    if len(walk.skipped) > len(swap_files):
+        lines.append(f"  skipped:   {len(walk.skipped) - len(swap_files)} directories (prune list, .no-backup, CACHEDIR.TAG)")
+    if swap_files:
+        lines.append(f"  swap:      {', '.join(swap_files)} left out")
     if removed:
         lines.append(f"  expired:   {', '.join(removed)}")
     logger.info("\n".join(lines))

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from jwbackup import managers, manifestcache, pkgstate, verify
+from jwbackup import managers, manifestcache, pkgstate, swap, verify
 from jwbackup.config import Config
 from jwbackup.errors import EX_OK, EX_WARNINGS
 from jwbackup.excludes import owned_unmodified, write_atomically, write_rules
@@ -48,7 +48,7 @@ def load_manifest(cfg: Config, root: str, write_state: bool = False) -> Manifest
 
 
 def make_selector(cfg: Config, root: str, manifest: Manifest, alongside: bool = False) -> Selector:
-    """A selector over ``root`` that skips the prune list and a local destination.
+    """A selector over ``root`` that skips the prune list, a local destination and swap files.
 
     Installed files under the roots are verified (``cfg.verify``, behind the
     stat cache); the selector keeps the modified ones.  The verification
@@ -70,7 +70,7 @@ def make_selector(cfg: Config, root: str, manifest: Manifest, alongside: bool = 
             logger.info("verification alongside the walk: %s; verifying first", exc.strerror)
     if verifier is None:
         verifier = verify.check(manifest, root, cfg.verify, roots=cfg.roots)
-    return Selector(manifest, root=root, prune=prune, verifier=verifier)
+    return Selector(manifest, root=root, prune=prune, verifier=verifier, swap_files=swap.files(root))
 
 
 def files(cfg: Config, root: str, null: bool = False, no_dirs: bool = False, write_state: bool = True) -> int:

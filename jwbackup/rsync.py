@@ -82,10 +82,14 @@ def make_command(
     transport_args: Sequence[str] = (),
     dry_run: bool = False,
     progress: bool = False,
+    filters: Sequence[bytes] = (),
 ) -> list[str]:
     """The rsync command that copies the files listed on stdin from ``source`` to ``target``.
 
     ``source`` and ``target`` are directories; trailing slashes are added.
+    ``filters`` are rules (``excludes.rsync_rule``) for what rsync must not
+    copy even where a listed ``/`` (rsync's ``.``) brings the entries
+    directly in it along.
     """
     # --ignore-missing-args: a listed path deleted between the walk and the
     # transfer is left out quietly, as if the walk had not met it (else exit 23).
@@ -93,6 +97,7 @@ def make_command(
     argv = ["rsync", "-aHAX", "--sparse", "--numeric-ids", "--files-from=-", "--from0", "--ignore-missing-args",
             "--stats"]
     argv += list(transport_args)
+    argv += ["--filter=" + os.fsdecode(rule) for rule in filters]
     argv += [f"--link-dest={d}" for d in link_dests[:MAX_LINK_DESTS]]
     if dry_run:
         argv += ["--dry-run", "--itemize-changes"]

@@ -34,6 +34,7 @@ NO_BACKUP = b".no-backup"
 CACHEDIR_TAG = cachedir.TAG_NAME
 CACHEDIR_SIGNATURE = cachedir.SIGNATURE
 _MARKERS = frozenset({NO_BACKUP, CACHEDIR_TAG})
+SWAP_FILE = "swap file"  # why, in Stats.skipped
 _NAME = attrgetter("name")
 
 
@@ -109,16 +110,25 @@ class Selector:
         root: str | bytes = "/",
         prune: Iterable[str | bytes] = (),
         verifier: Verifier | Running | None = None,
+        swap_files: Iterable[bytes] = (),
     ):
         self.manifest = manifest
         self.prefix = os.fsencode(root).rstrip(b"/")
         self._canon = Canonicalizer(self.prefix)  # resolves symlinks inside the root
         self.prune = {os.fsencode(p) for p in prune}
+        self._swap: dict[bytes, set[bytes]] = {}  # directory -> names of the swap files in it
+        for path in map(self._canon, swap_files):
+            parent, name = os.path.split(path)
+            self._swap.setdefault(parent, set()).add(name)
         # Without a verification pre-pass from the caller: conffiles only, no cache.
         self.verifier = verifier or check(manifest, self.prefix or b"/", "conffiles", cache_file=None)
         self.stats = Stats()
         self._walked: list[bytes] = []  # the roots walked
         self._yielded: set[bytes] = set()  # the installed directories yielded (before something below them)
+
+    def swap_files(self) -> list[bytes]:
+        """The swap files the walk leaves out, whether there or not."""
+        return sorted(join(directory, name) for directory, names in self._swap.items() for name in names)
 
     def close(self) -> None:
         """Stop a verification still running alongside (the run ended early)."""
@@ -306,6 +316,15 @@ class Selector:
             return False  # a directory would have been walked, not judged here
         return not (entry.is_file(follow_symlinks=False) or entry.is_symlink())
 
+    def _without_swap_files(self, path: bytes, listing: list[os.DirEntry]) -> list[os.DirEntry]:
+        kept = []
+        for entry in listing:
+            if entry.name in self._swap[path] and entry.is_file(follow_symlinks=False):
+                self.stats.skipped.append((join(path, entry.name), SWAP_FILE))
+            else:
+                kept.append(entry)
+        return kept
+
     def _enter(self, path: bytes) -> list[os.DirEntry] | None:
         """The listing of directory ``path``, or None when it is not to be walked."""
         real = self.prefix + path
@@ -322,6 +341,8 @@ class Selector:
             self.stats.unreadable.append((path, exc.strerror or "unreadable"))
             return None
         self.stats.directories += 1
+        if path in self._swap:
+            listing = self._without_swap_files(path, listing)
         if _MARKERS.isdisjoint(map(_NAME, listing)):  # in C: almost every directory
             return listing
         for e in listing:

@@ -176,6 +176,34 @@ def test_sparse_file_keeps_its_holes_in_every_generation_and_when_restored(
     assert os.stat(copy).st_blocks * 512 <= 2 << 20
 
 
+@pytest.mark.parametrize("where, extra", [("local", ""), ("local", "transfer: rsync\n"), ("ssh", "")])
+def test_swap_files_named_in_fstab_are_left_out(jwbackup, system, tmp_path, request, where, extra):
+    # /swapfile sits right in /, which rsync's listed "." brings along unless excluded
+    system.write(b"/etc/fstab", b"# <file system> <mount point> <type> <options> <dump> <pass>\n"
+                                b"UUID=0a1b / ext4 errors=remount-ro 0 1\n"
+                                b"/swapfile none swap sw 0 0\n"
+                                b"/srv/swap\\040space none swap sw,pri=5 0 0\n"
+                                b"/srv/data /mnt/data none bind 0 0\n")
+    system.write(b"/swapfile", b"pages of memory" * 1000)
+    system.write(b"/srv/swap space", b"more pages" * 1000)
+    system.write(b"/srv/data/kept", b"an admin's file\n")
+    destination = ssh_destination(request.getfixturevalue("sshd")) if where == "ssh" else ""
+    system.configure(destination=destination, extra=extra)
+    backup(jwbackup, system)
+    backup(jwbackup, system)  # over ssh, planned against the first
+    for gen in system.generations():
+        assert not os.path.lexists(system.in_generation(gen, b"/swapfile"))
+        assert not os.path.lexists(system.in_generation(gen, b"/srv/swap space"))
+        for path in (b"/etc/fstab", b"/srv/data/kept"):
+            assert os.path.isfile(system.in_generation(gen, path)), path
+    assert "  swap:      /swapfile, /srv/swap space left out\n" in (tmp_path / "jwbackup.log").read_text()
+    listed = jwbackup("-c", system.config, "--root", system.root_dir, "files", "--no-package-state")
+    assert listed.returncode == 0, listed.stderr.decode()
+    root = os.fsencode(system.root_dir)
+    assert root + b"/srv/data/kept\n" in listed.stdout
+    assert root + b"/swapfile\n" not in listed.stdout and root + b"/srv/swap space\n" not in listed.stdout
+
+
 def test_metadata_survives(jwbackup, system):
     system.configure()
     data = system.write(b"/srv/data/file", b"payload\n")

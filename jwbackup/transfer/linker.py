@@ -268,10 +268,12 @@ class Linker:
     """Builds one generation at ``target`` from ``source`` and the selected paths."""
 
     def __init__(self, source: str | bytes, target: str | bytes, link_dests: Sequence[str | bytes] = (),
-                 helper: bool | None = None):
+                 helper: bool | None = None, excludes: Iterable[bytes] = ()):
         self.source = os.fsencode(source)
         self.target = os.fsencode(target)
         self.link_dests = [os.fsencode(d) for d in link_dests]
+        # names directly in a listed / that it does not bring along, as rsync's --exclude=/NAME
+        self._excluded_top = {path[1:] for path in excludes if path.count(b"/") == 1}
         # a helper process: True from the start (waiting until it is ready),
         # False never, None after HELPER_AFTER copies if this process may use
         # two CPUs
@@ -414,8 +416,8 @@ class Linker:
 
     def _root(self, run: _Run, groups) -> None:
         """The source root itself.  rsync reads a listed ``/`` as ``.``, which
-        (--files-from implies --dirs) also brings every entry directly in it:
-        directories empty, everything else whole."""
+        (--files-from implies --dirs) also brings every entry directly in it
+        that no exclude names: directories empty, everything else whole."""
         try:
             st = os.stat(self._src.top)
             attrs = read_attrs(self._src.top)
@@ -425,9 +427,9 @@ class Linker:
             run.warn(f'cannot read "/": {exc.strerror}')
             return
         self._dirs.append(_Dir.of(_Entry(b"/", (), st, attrs)))
-        for name in names:
-            name = os.fsencode(name)
-            self._one(run, b"/" + name, (name,), groups)
+        for name in map(os.fsencode, names):
+            if name not in self._excluded_top:
+                self._one(run, b"/" + name, (name,), groups)
             self._top_done.add(name)
 
     def _look(self, parts: tuple[bytes, ...], path: bytes) -> _Entry:
@@ -1016,7 +1018,8 @@ def _received(fd: int) -> Iterator[bytes]:
 
 
 def build(source: str | bytes, paths: Iterable[bytes], target: str | bytes,
-          link_dests: Sequence[str | bytes] = (), helper: bool | None = None) -> Result:
+          link_dests: Sequence[str | bytes] = (), helper: bool | None = None,
+          excludes: Iterable[bytes] = ()) -> Result:
     """Build the generation ``target`` from the ``paths`` selected under ``source``
-    (``helper``: see :class:`Linker`)."""
-    return Linker(source, target, link_dests, helper).build(paths)
+    (``helper``, ``excludes``: see :class:`Linker`)."""
+    return Linker(source, target, link_dests, helper, excludes).build(paths)
