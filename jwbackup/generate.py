@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from itertools import chain
 
 from jwbackup import managers, manifestcache, pkgstate, swap, verify
 from jwbackup.config import Config
@@ -96,7 +97,7 @@ def excludes(cfg: Config, root: str, fmt: str, output: str | None = None, null: 
              write_state: bool = True) -> int:
     manifest = load_manifest(cfg, root, write_state)
     verifier = verify.check(manifest, root, cfg.verify)
-    paths = owned_unmodified(manifest, os.fsencode(root), verifier)
+    paths = chain(owned_unmodified(manifest, os.fsencode(root), verifier), sorted(swap.files(root)))
 
     def fill(out):
         return write_rules(paths, fmt, out, root=os.fsencode(root), null=null)

@@ -82,6 +82,14 @@ def test_a_conffile_the_admin_changed_is_not_excluded(jwbackup, root, tmp_path):
     assert root.path(b"/etc/changed.conf") not in rules
 
 
+def test_swap_files_are_excluded_like_installed_files(jwbackup, root, tmp_path):
+    with open(root.path(b"/etc/fstab"), "wb") as f:
+        f.write(b"/swapfile none swap sw 0 0\n")
+    rules = excludes(jwbackup, root, tmp_path, "plain").read_bytes().split(b"\n")
+    assert root.path(b"/swapfile") in rules
+    assert root.path(b"/etc/fstab") not in rules
+
+
 def test_output_file_is_replaced_atomically(jwbackup, root, tmp_path):
     out = excludes(jwbackup, root, tmp_path, "borg")
     inode = os.stat(out).st_ino
