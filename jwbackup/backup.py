@@ -183,8 +183,9 @@ def _summary(name, result, walk, removed, elapsed, status) -> None:
         more = f" and {len(walk.unreadable) - 3} more" if len(walk.unreadable) > 3 else ""
         lines.append(f"  not read:  {len(walk.unreadable)} roots or directories, left out: {names}{more}")
     swap_files = [os.fsdecode(path) for path, why in walk.skipped if why == SWAP_FILE]
-    if len(walk.skipped) > len(swap_files):
-        lines.append(f"  skipped:   {len(walk.skipped) - len(swap_files)} directories (prune list, .no-backup, CACHEDIR.TAG)")
+    directories = len(walk.skipped) - len(swap_files)
+    if directories:
+        lines.append(f"  skipped:   {directories} directories (prune list, .no-backup, CACHEDIR.TAG)")
     if swap_files:
         lines.append(f"  swap:      {', '.join(swap_files)} left out")
     if removed:
