@@ -58,8 +58,9 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         "-l", "--log-file", metavar="FILE", default=default(DEFAULT_LOG_FILE),
         help=f"log file (default: {DEFAULT_LOG_FILE}); '-' for none",
     )
+    # Made absolute at once: the linker moves the working directory.
     parser.add_argument(
-        "--root", metavar="DIR", default=default("/"),
+        "--root", metavar="DIR", default=default("/"), type=os.path.abspath,
         help="the system to back up lives under DIR (a chroot, a mounted disk); default: /",
     )
 

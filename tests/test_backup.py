@@ -63,6 +63,17 @@ def test_second_generation_links_unchanged_files_and_copies_changed_ones(jwbacku
     assert os.readlink(system.dest / "latest") == second
 
 
+def test_relative_root_names_the_same_system_as_its_absolute_path(system, tmp_path):
+    system.configure()
+    result = subprocess.run([JWBACKUP, "-l", "-", "-c", system.config, "--root", "system"],
+                            cwd=tmp_path, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()
+    (generation,) = system.generations()
+    for path in [b"/etc/hostname", b"/home/alice/notes.txt", b"/var/lib/app/state.db", b"/var/lib/dpkg/status"]:
+        assert os.path.isfile(system.in_generation(generation, path)), path
+    assert not os.path.lexists(system.in_generation(generation, b"/usr/bin/tool"))
+
+
 @pytest.mark.parametrize("where, extra, builder", [
     ("local", "", "rsync on what changed (dry run, unchanged entries judged against"),
     ("local", "transfer: rsync\n", "rsync (transfer: rsync)"),
