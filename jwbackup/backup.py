@@ -70,6 +70,7 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
             latest = generations.latest_complete(listing)
             taken = listing.complete + listing.partial + listing.other
             name = generations.unique_name(datetime.now(), taken)
+            _warn_of_future(listing.complete, name)
             partial = name + PARTIAL_SUFFIX
             hook_run.generation = name
             # Earlier interrupted runs are linked against too: what they copied
@@ -107,7 +108,7 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
                 "incomplete": result.returncode == rsync.PARTIAL,  # some files or attributes not copied
                 "unreadable": unreadable,  # roots and directories the walk could not read
             })
-            plan = generations.plan_retention((name,) + listing.complete, dest.generations, dest.keep)
+            plan = generations.plan_retention((name,) + listing.complete, dest.generations, dest.keep, current=name)
             for old in plan.remove:
                 logger.info("removing expired generation %s", old)
             repo.remove(*listing.partial, *plan.remove)
@@ -115,6 +116,15 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
         _summary(name, result, selector.stats, plan.remove, time.monotonic() - started, status)
         status = hook_run.after(name, status)
     return Outcome(name, status, plan.remove)
+
+
+def _warn_of_future(complete: tuple[str, ...], name: str) -> None:
+    """Say so when generations are named after ``name``, this run's: retention
+    counts them as the newest until the clock has passed them."""
+    later = [g for g in complete if generations.parse(g) > generations.parse(name)]
+    if later:
+        logger.warning("%d generations are named later than this run's %s (newest: %s); "
+                       "was the clock set back?", len(later), name, later[0])
 
 
 def _build(cfg: Config, t, repo: Repository, root: str, selector, latest: str | None, partial: str,

@@ -157,7 +157,8 @@ class RetentionPlan:
         return [name for name, _ in self.keep]
 
 
-def plan_retention(complete: Sequence[str], generations: int, keep: object | None = None) -> RetentionPlan:
+def plan_retention(complete: Sequence[str], generations: int, keep: object | None = None,
+                   current: str | None = None) -> RetentionPlan:
     """Plan which of the ``complete`` generation names to keep and which to remove.
 
     - the newest ``generations`` are kept (``<= 0``: only the newest);
@@ -169,7 +170,9 @@ def plan_retention(complete: Sequence[str], generations: int, keep: object | Non
       a period whose newest generation an earlier rule already kept is used
       up without counting; a rule that runs out of generations before its
       count is reached also keeps the oldest one;
-    - a generation kept by any rule stays; the newest is never removed.
+    - a generation kept by any rule stays; the newest is never removed, nor
+      is ``current``, the one this run has just made, whatever its name says
+      against the others (the clock may have been set back since they were made).
 
     Names that do not parse as generations (``.partial`` ones included) are
     left out of the plan entirely: they are neither kept nor removed.
@@ -181,6 +184,8 @@ def plan_retention(complete: Sequence[str], generations: int, keep: object | Non
         return RetentionPlan()
 
     reasons[ordered[0]].append("newest")
+    if current in reasons:
+        reasons[current].append("this run")
     for number, name in enumerate(ordered[: max(generations, 0)], start=1):
         reasons[name].append(f"generations #{number}")
 

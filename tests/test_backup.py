@@ -271,6 +271,24 @@ def test_retention_keeps_the_newest_and_touches_nothing_else(jwbackup, system, t
     assert shown == sorted(names, reverse=True)
 
 
+def test_a_clock_set_back_never_expires_the_generation_just_made(jwbackup, system):
+    system.configure(destination="  generations: 1\n")
+    backup(jwbackup, system)
+    (first,) = system.generations()
+    # a generation made while the clock was ahead
+    subprocess.run(["cp", "-a", system.dest / first, system.dest / "2099-01-01-00:00:00"], check=True)
+    system.write(b"/home/alice/notes.txt", b"written after the clock was set back\n")
+    result = backup(jwbackup, system)
+    kept = system.generations()
+    assert first not in kept and len(kept) == 2
+    (new,) = [n for n in kept if n != "2099-01-01-00:00:00"]
+    with open(system.in_generation(new, b"/home/alice/notes.txt"), "rb") as f:
+        assert f.read() == b"written after the clock was set back\n"
+    assert os.readlink(system.dest / "latest") == new
+    assert (f"1 generations are named later than this run's {new} (newest: 2099-01-01-00:00:00); "
+            "was the clock set back?") in result.stderr.decode()
+
+
 def test_prune_dry_run_removes_nothing(jwbackup, system):
     system.configure(destination="  generations: 5\n")
     for _ in range(3):

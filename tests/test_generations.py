@@ -337,6 +337,14 @@ def test_names_that_are_not_generations_are_never_in_the_plan():
     assert plan.remove == [day("2014-02-10")]
 
 
+def test_the_run_s_own_generation_is_kept_when_others_are_named_later():
+    # the clock was set back: this run's name sorts below the two before it
+    names = [day("2014-02-10"), day("2014-02-12"), day("2014-02-11")]
+    plan = g.plan_retention(names, generations=1, keep=None, current=day("2014-02-10"))
+    assert plan.kept == [day("2014-02-12"), day("2014-02-10")]
+    assert plan.remove == [day("2014-02-11")]
+
+
 def test_a_name_given_twice_is_planned_once():
     plan = g.plan_retention([day("2014-02-11"), day("2014-02-10"), day("2014-02-10")], generations=1, keep=None)
     assert plan.remove == [day("2014-02-10")]
