@@ -19,6 +19,7 @@ import argparse
 import logging
 import logging.handlers
 import os
+import signal
 import sys
 
 from jwbackup import __version__, config, errors, pkgstate
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_file)
+    previous = signal.signal(signal.SIGTERM, errors.raise_terminated)
     try:
         return run(args)
     except errors.JwbackupError as exc:
@@ -197,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logger.error("error: interrupted")
         return 130
+    except errors.Terminated as exc:
+        logger.error("error: %s", exc)
+        return exc.exit_code
     except BrokenPipeError:
         # The reader went away (jwbackup files | head): not our failure.
         sys.stderr.close()
@@ -205,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("internal error", exc_info=True)
         logger.error("internal error: %s: %s (run with -L DEBUG for the traceback)", type(exc).__name__, exc)
         return errors.EX_SOFTWARE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run(args: argparse.Namespace) -> int:

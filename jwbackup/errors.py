@@ -4,6 +4,8 @@ Only ``cli.py`` turns them into a message and an exit status; the rest of the
 code raises and lets them travel.  The codes borrow from sysexits(3).
 """
 
+import signal
+
 EX_OK = 0
 EX_WARNINGS = 1  # the generation was written, but some files or directories could not be read
 EX_FAILURE = 2  # the run failed; nothing was committed
@@ -54,3 +56,15 @@ class TransferError(JwbackupError):
     """rsync failed; the in-progress generation was kept, nothing was committed."""
 
     exit_code = EX_IOERR
+
+
+class Terminated(BaseException):
+    """SIGTERM (``systemctl stop``, shutdown): unwinds like Ctrl-C, so that the
+    lock is released and the ``on_error`` hooks run (they may unmount a disk).
+    A BaseException, as KeyboardInterrupt is: no ``except Exception`` stops it."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated("terminated (SIGTERM)")

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from jwbackup import execute
 from jwbackup.config import Destination, Hooks
-from jwbackup.errors import EX_OK, EX_WARNINGS, JwbackupError
+from jwbackup.errors import EX_OK, EX_WARNINGS, JwbackupError, Terminated
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ def run_command(kind: str, command: str, env: dict[str, str]) -> None:
 class Runner:
     """Runs the hooks of one backup run; a context manager around the locked part.
 
-    Entering runs the ``before`` hooks; leaving with an exception runs the
-    ``on_error`` hooks (the exception travels on); :meth:`after` runs the
+    Entering runs the ``before`` hooks; leaving with an exception, Ctrl-C or
+    SIGTERM runs the ``on_error`` hooks (the exception travels on); :meth:`after` runs the
     ``after`` hooks.  Set :attr:`generation` as soon as the name is known.
     """
 
@@ -106,7 +106,7 @@ class Runner:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if isinstance(exc, Exception):
+        if isinstance(exc, (Exception, KeyboardInterrupt, Terminated)):
             self.on_error(exc)
         return False
 
@@ -123,7 +123,12 @@ class Runner:
     def on_error(self, exc: BaseException) -> None:
         if not self.enabled or not self.hooks.on_error:
             return
-        message = str(exc) if isinstance(exc, JwbackupError) else f"internal error: {type(exc).__name__}: {exc}"
+        if isinstance(exc, (JwbackupError, Terminated)):
+            message = str(exc)
+        elif isinstance(exc, KeyboardInterrupt):
+            message = "interrupted (SIGINT)"
+        else:
+            message = f"internal error: {type(exc).__name__}: {exc}"
         _run_all("on_error", self.hooks.on_error, self.env("failed", message))
 
 

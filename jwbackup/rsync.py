@@ -227,8 +227,13 @@ def transfer(
     collector = _Collector(proc.stderr, _DRY_RUN_NOISE if dry_run else None)
     feeder.start()
     collector.start()
-    output = _read_output(proc.stdout, feeder, progress)
-    returncode = proc.wait()
+    try:
+        output = _read_output(proc.stdout, feeder, progress)
+        returncode = proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM: rsync stops before the on_error hooks run and the lock goes
+        proc.kill()
+        proc.wait()
+        raise
     feeder.join()
     collector.join()
     if collector.dropped:

@@ -17,8 +17,8 @@ import pytest
 
 from backupenv import System
 from faultkit import (
-    RSYNC, Seam, assert_untouched, backup, big_file, complete_generations, kill_all, processes_with, snapshot,
-    start, wait_for, writing_big_file,
+    RSYNC, Seam, assert_untouched, backup, big_file, complete_generations, kill_all, one_error_line, processes_with,
+    snapshot, start, wait_for, writing_big_file,
 )
 
 
@@ -91,6 +91,28 @@ def test_jwbackup_killed_during_the_transfer_takes_rsync_with_it(jwbackup, syste
     wait_for(lambda: not processes_with(marker), 10, "rsync to end with jwbackup")
     (partial,) = system.partials()
     assert not os.path.exists(system.dest / partial / "srv" / "zz-big")
+    _after_the_crash(jwbackup, system, first, before)
+
+
+@pytest.mark.parametrize("sig, status, message", [
+    ("TERM", 143, "terminated (SIGTERM)"),
+    ("INT", 130, "interrupted"),
+])
+def test_jwbackup_stopped_by_a_signal_runs_the_on_error_hooks_and_stops_rsync(
+        jwbackup, system, tmp_path, sig, status, message):
+    """systemctl stop and shutdown send SIGTERM: the on_error hooks still run
+    (they may unmount the backup disk), as on Ctrl-C."""
+    first, before = _first_generation(jwbackup, system)
+    system.configure(extra=RSYNC + 'hooks:\n  on_error: ["env > $OUT"]\n')
+    _many_files(system, 200)
+    seam = Seam(tmp_path / "seam")
+    seam.program("rsync", f'sleep 0.5; kill -{sig} $JWBACKUP_PID; exec "$REAL" "$@"')
+    result = backup(jwbackup, system, ok=False, env={**seam.env, "OUT": str(tmp_path / "env")})
+    assert result.returncode == status
+    assert one_error_line(result) == f"jwbackup: error: {message}"
+    seen = (tmp_path / "env").read_text().splitlines()
+    assert "JWBACKUP_STATUS=failed" in seen
+    assert f"JWBACKUP_ERROR={message}" + (" (SIGINT)" if sig == "INT" else "") in seen
     _after_the_crash(jwbackup, system, first, before)
 
 
