@@ -57,7 +57,11 @@ def make_selector(cfg: Config, root: str, manifest: Manifest, alongside: bool = 
     while the walk goes on (:class:`verify.Running`; the selector must then
     be closed).
     """
-    prune = [os.fsencode(p) for p in cfg.prune]
+    # A directory listed as a root is backed up even when the prune list names
+    # it too, as one below a pruned directory is: ``root: /var/cache/apt``
+    # under the default list, say.  The destination stays pruned whatever.
+    roots = set(cfg.roots)
+    prune = [os.fsencode(p) for p in cfg.prune if p not in roots]
     dest = cfg.destination
     if dest is not None and not dest.remote:
         inside = system_path(os.fsencode(os.path.realpath(root)), os.fsencode(os.path.realpath(dest.directory)))

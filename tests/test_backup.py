@@ -289,6 +289,17 @@ def test_a_clock_set_back_never_expires_the_generation_just_made(jwbackup, syste
             "was the clock set back?") in result.stderr.decode()
 
 
+def test_a_root_the_prune_list_names_too_is_backed_up_and_prune_works_below_it(jwbackup, system):
+    system.configure(roots=("/home", "/tmp"), extra="prune: [/home, /tmp, /home/alice/junk]\n")
+    system.write(b"/tmp/keep/wanted", b"asked for\n")
+    system.write(b"/home/alice/junk/big", b"junk\n")
+    backup(jwbackup, system)
+    (gen,) = system.generations()
+    assert os.path.isfile(system.in_generation(gen, b"/home/alice/notes.txt"))
+    assert os.path.isfile(system.in_generation(gen, b"/tmp/keep/wanted"))
+    assert not os.path.lexists(system.in_generation(gen, b"/home/alice/junk"))
+
+
 def test_prune_dry_run_removes_nothing(jwbackup, system):
     system.configure(destination="  generations: 5\n")
     for _ in range(3):
