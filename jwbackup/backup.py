@@ -97,7 +97,7 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
                     logger.info("dry run: retention would remove %s", old)
                 return Outcome(None, status, plan.remove)
 
-            repo.commit(partial, name, {
+            unfinished = repo.commit(partial, name, {
                 "files": result.stats.files,
                 "size": result.stats.total_size,
                 "copied": result.stats.transferred,
@@ -108,6 +108,9 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
                 "incomplete": result.returncode == rsync.PARTIAL,  # some files or attributes not copied
                 "unreadable": unreadable,  # roots and directories the walk could not read
             })
+            for line in unfinished:
+                logger.warning("%s", line)
+                status = EX_WARNINGS
             plan = generations.plan_retention((name,) + listing.complete, dest.generations, dest.keep, current=name)
             for old in plan.remove:
                 logger.info("removing expired generation %s", old)

@@ -32,7 +32,7 @@ DELETING_PREFIX = ".deleting-"
 STATS_DIR = ".stats"
 
 # Exit statuses of the scripts below that mean "the destination is not usable".
-_MISSING, _UNWRITABLE, _CLOBBER = 90, 91, 92
+_MISSING, _UNWRITABLE, _CLOBBER, _COMMITTED_BUT = 90, 91, 92, 93
 
 _LIST = r"""
 [ -d "$1" ] || exit 90
@@ -40,18 +40,28 @@ _LIST = r"""
 exec find "$1" -mindepth 1 -maxdepth 1 -printf '%y\0%f\0'
 """
 
-# $1 directory, $2 partial, $3 name, $4 stats (one line of JSON)
+# $1 directory, $2 partial, $3 name, $4 stats (one line of JSON).  Once the
+# rename is done the generation is committed; a failure after it (a foreign
+# "latest" directory, a disk full for the figures) is told on stderr, each as
+# one line naming the step, and exits 93.
 _COMMIT = r"""
 set -e
 cd -- "$1"
 mv -T --no-clobber -- "$2" "$3"
 [ ! -e "$2" ] || exit 92
-rm -f -- .latest.new
-ln -s -- "$3" .latest.new
-mv -T -- .latest.new latest
-mkdir -p -- .stats
-printf '%s\n' "$4" > ".stats/$3.json.new"
-mv -T -- ".stats/$3.json.new" ".stats/$3.json"
+status=0
+if ! out=$( { rm -f -- .latest.new && ln -s -- "$3" .latest.new && mv -T -- .latest.new latest; } 2>&1); then
+    rm -f -- .latest.new
+    printf 'pointing latest at it failed: %s\n' "$out" | head -n 1 >&2
+    status=93
+fi
+if ! out=$( { mkdir -p -- .stats && printf '%s\n' "$4" > ".stats/$3.json.new" &&
+              mv -T -- ".stats/$3.json.new" ".stats/$3.json"; } 2>&1); then
+    rm -f -- ".stats/$3.json.new"
+    printf 'writing its figures to .stats/%s.json failed: %s\n' "$3" "$out" | head -n 1 >&2
+    status=93
+fi
+exit $status
 """
 
 # $1 previous generation, $2 the new partial; stdin: NUL-terminated relative paths to remove
@@ -130,14 +140,22 @@ class Repository:
         """Fail with a clear message unless the destination is a writable directory."""
         self.listing()
 
-    def commit(self, partial: str, name: str, stats: dict) -> None:
-        """Make ``partial`` the generation ``name``, point ``latest`` at it, keep its figures."""
+    def commit(self, partial: str, name: str, stats: dict) -> list[str]:
+        """Make ``partial`` the generation ``name``, point ``latest`` at it, keep its figures.
+
+        Returns what failed after the generation was committed, one line per
+        step: it is complete all the same, and retention still has to run.
+        """
         record = json.dumps({"name": name, **stats}, sort_keys=True)
         result = self._script(_COMMIT, self.directory, partial, name, record, check=False)
         if result.returncode == _CLOBBER:
             raise DestinationError(f"cannot commit {partial}: {self.path(name)} exists")
+        if result.returncode == _COMMITTED_BUT:
+            lines = result.stderr.decode(errors="replace").splitlines()
+            return [f"generation {name} is complete, but {line}" for line in lines if line]
         if result.returncode != 0:
             raise CommandError(["sh"], result.returncode, result.stderr, where=self._where())
+        return []
 
     def tree(self, name: str, fmt: str) -> bytes:
         """Every entry of generation ``name``, as ``find -printf fmt`` writes it, parents first."""
@@ -179,3 +197,4 @@ class Repository:
             except (ValueError, KeyError, TypeError):
                 continue
         return stats
+

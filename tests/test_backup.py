@@ -300,6 +300,24 @@ def test_a_root_the_prune_list_names_too_is_backed_up_and_prune_works_below_it(j
     assert not os.path.lexists(system.in_generation(gen, b"/home/alice/junk"))
 
 
+def test_a_latest_that_cannot_be_replaced_is_a_warning_and_retention_still_runs(jwbackup, system):
+    system.configure(destination="  generations: 1\n")
+    (system.dest / "latest").mkdir()
+    (system.dest / "latest" / "mine").write_text("the admin's\n")
+    for run in range(2):
+        system.write(b"/home/alice/notes.txt", b"run %d\n" % run * (run + 1))
+        result = backup(jwbackup, system, ok=False)
+        assert result.returncode == 1, result.stderr.decode()
+        (gen,) = system.generations()
+        lines = result.stderr.decode().splitlines()
+        assert (f"jwbackup: generation {gen} is complete, but pointing latest at it failed: "
+                "mv: cannot overwrite directory 'latest' with non-directory") in lines
+        with open(system.in_generation(gen, b"/home/alice/notes.txt"), "rb") as f:
+            assert f.read() == b"run %d\n" % run * (run + 1)
+    assert (system.dest / "latest" / "mine").read_text() == "the admin's\n"
+    assert sorted(os.listdir(system.dest)) == [".stats", gen, "latest"]
+
+
 def test_prune_dry_run_removes_nothing(jwbackup, system):
     system.configure(destination="  generations: 5\n")
     for _ in range(3):
