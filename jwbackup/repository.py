@@ -177,7 +177,7 @@ class Repository:
 
     def finish_removals(self, listing: Listing) -> None:
         """Complete removals that an earlier, interrupted run started."""
-        leftovers = [name for name in listing.other if name.startswith(DELETING_PREFIX)]
+        leftovers = [name for name in listing.other if _removed_generation(name)]
         if leftovers:
             logger.info("finishing the removal of %s", ", ".join(n[len(DELETING_PREFIX):] for n in leftovers))
             self.remove(*leftovers)
@@ -198,3 +198,11 @@ class Repository:
                 continue
         return stats
 
+
+def _removed_generation(name: str) -> bool:
+    """Is ``name`` a generation or partial that a removal renamed?  Nothing
+    else with the prefix is removed: it is not jwbackup's."""
+    if not name.startswith(DELETING_PREFIX):
+        return False
+    removed = name[len(DELETING_PREFIX):]
+    return generations.parse(removed.removesuffix(generations.PARTIAL_SUFFIX)) is not None

@@ -202,8 +202,12 @@ def test_leftovers_of_a_power_loss_are_finished_by_the_next_run(jwbackup, system
     shutil.copytree(system.dest / first, system.dest / "2001-01-01-00:00:00.partial", symlinks=True)
     shutil.copytree(system.dest / first, system.dest / ".deleting-2000-01-01-00:00:00", symlinks=True)
     os.symlink(first, system.dest / ".latest.new")
+    # the prefix alone is no sign of a removal: this one is the admin's
+    (system.dest / ".deleting-notes").mkdir()
+    (system.dest / ".deleting-notes" / "keep").write_text("mine\n")
     new = _after_the_crash(jwbackup, system, first, before)
-    assert sorted(os.listdir(system.dest)) == sorted([first, new, "latest", ".stats"])
+    assert sorted(os.listdir(system.dest)) == sorted([first, new, "latest", ".stats", ".deleting-notes"])
+    assert (system.dest / ".deleting-notes" / "keep").read_text() == "mine\n"
 
 
 def test_dangling_latest_is_replaced(jwbackup, system):
