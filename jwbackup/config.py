@@ -309,7 +309,7 @@ class _Checker:
         prune = self.paths(items["prune"][1], "prune") if "prune" in items else DEFAULT_PRUNE
         destination = self.destination(*items["destination"]) if "destination" in items else None
         manager = self.string(items["manager"][1], "manager", optional=True) if "manager" in items else None
-        lock_file = self.path_value(items["lock_file"][1], "lock_file") if "lock_file" in items else DEFAULT_LOCK_FILE
+        lock_file = self.lock_file(items["lock_file"][1]) if "lock_file" in items else DEFAULT_LOCK_FILE
         hooks = self.hooks(items["hooks"][1]) if "hooks" in items else Hooks()
         verify = self.choice(items["verify"][1], "verify", VERIFY_MODES) if "verify" in items else "all"
         transfer = self.choice(items["transfer"][1], "transfer", TRANSFER_MODES) if "transfer" in items else "auto"
@@ -431,6 +431,18 @@ class _Checker:
         if not value.startswith("/"):
             raise self.error(node, keypath, f"must be an absolute path (starting with /), not {_show(value)}")
         return "/" + os.path.normpath(value).lstrip("/")
+
+    def lock_file(self, node: Node) -> str:
+        """A file's path, in a directory of root's own (checked again when it is locked)."""
+        value = self.string(node, "lock_file")
+        path = self.absolute(node, "lock_file", value)
+        if value.endswith("/") or os.path.isdir(path):
+            raise self.error(node, "lock_file", f"must name a file, not the directory {_show(value)}")
+        directory = os.path.dirname(path)
+        if os.path.isdir(directory) and os.stat(directory).st_mode & 0o022:
+            raise self.error(node, "lock_file", f"{directory} is writable by other users: put the lock "
+                             f"in a directory of its own, such as {os.path.dirname(DEFAULT_LOCK_FILE)}")
+        return path
 
     def paths(self, node: Node, keypath: str) -> tuple[str, ...]:
         """A list of absolute paths, or one path on its own; duplicates dropped."""

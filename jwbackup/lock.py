@@ -38,7 +38,7 @@ class Lock:
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
             raise JwbackupError(
                 f"lock directory {directory} must be a directory owned by this user and writable by no one "
-                "else; remove it or set lock_file to a private place"
+                "else; set lock_file to a file in a directory of its own"
             )
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

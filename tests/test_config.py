@@ -124,7 +124,7 @@ def test_every_option_is_read(write):
           generations: 10
           keep: {daily: 7, weekly: 4, monthly: 6}
         manager: dpkg
-        lock_file: /run/lock/other.lock
+        lock_file: /run/lock/other/jwbackup.lock
         """)
     loaded = config.load(path, env={})
     assert loaded.destination == Destination(
@@ -134,7 +134,7 @@ def test_every_option_is_read(write):
     )
     assert loaded.destination.remote
     assert loaded.manager == "dpkg"
-    assert loaded.lock_file == "/run/lock/other.lock"
+    assert loaded.lock_file == "/run/lock/other/jwbackup.lock"
 
 
 def test_password_in_a_file_only_root_can_read_is_accepted(write):
@@ -340,6 +340,17 @@ def test_relative_destination_directory(write):
     assert error_of(path) == (
         f"{path}:2: destination.directory: must be an absolute path (starting with /), not backup"
     )
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("/tmp/jwbackup.lock", "/tmp is writable by other users: put the lock in a directory of its own, "
+                           "such as /run/lock/jwbackup"),
+    ("/", "must name a file, not the directory /"),
+    ("/run/lock/jwbackup/", "must name a file, not the directory /run/lock/jwbackup/"),
+])
+def test_lock_file_in_a_shared_directory_or_a_directory_is_refused_at_its_line(write, value, problem):
+    path = write(f"root: /\nlock_file: {value}\n")
+    assert error_of(path) == f"{path}:2: lock_file: {problem}"
 
 
 def test_generations_must_be_positive(write):
