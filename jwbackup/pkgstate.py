@@ -9,7 +9,10 @@ dpkg
     ``packages``: ``<package> <version> <architecture>`` per line;
     ``manual``: the packages installed explicitly (apt-mark manual), one per
     line, ``name:arch`` only where a name is installed for several
-    architectures.
+    architectures;
+    ``statoverride``: a copy of dpkg's owner and mode overrides, and
+    ``diversions``: the local diversions (``dpkg-divert --local``), in dpkg's
+    own format: what reinstalling the packages does not bring back.
 portage
     ``installed``: ``category/package-version`` per line;
     ``world`` and ``world_sets``: copies of ``/var/lib/portage/world{,_sets}``.
@@ -34,7 +37,8 @@ from jwbackup.managers import Package
 logger = logging.getLogger(__name__)
 
 STATE_DIR = "/var/lib/jwbackup/packages"  # a system path, under the root
-DPKG_FILES = ("packages", "manual")
+DPKG_FILES = ("packages", "manual", "statoverride", "diversions")
+DPKG_ADMIN = "var/lib/dpkg"  # under the root
 PORTAGE_FILES = ("installed", "world", "world_sets")
 FILES = DPKG_FILES + PORTAGE_FILES
 COUNT_FILES = ("packages", "installed")  # one line per installed package
@@ -50,28 +54,43 @@ class State:
     manual: list[str] = field(default_factory=list)  # dpkg: package names as apt takes them
     installed: list[str] = field(default_factory=list)  # portage: cpv
     world: list[str] = field(default_factory=list)  # portage: world atoms, then world_sets sets
+    overrides: list[tuple[str, str, str, str]] = field(default_factory=list)  # dpkg: (user, group, mode, path)
+    diversions: list[tuple[str, str]] = field(default_factory=list)  # dpkg, local ones: (path, diverted to)
 
 
-def dpkg_files(packages: list[Package]) -> dict[str, bytes]:
-    """The contents of ``packages`` and ``manual`` for a dpkg system."""
+def dpkg_files(root: str, packages: list[Package]) -> dict[str, bytes]:
+    """The contents of the package state files for a dpkg system."""
     arches = Counter(p.name for p in packages)
     lines = [f"{p.name} {p.version} {p.architecture or '-'}\n" for p in packages]
     manual = sorted(
         p.name if arches[p.name] == 1 or not p.architecture else f"{p.name}:{p.architecture}"
         for p in packages if p.manual
     )
-    return {"packages": "".join(lines).encode(), "manual": "".join(m + "\n" for m in manual).encode()}
+    diversions = _read(os.path.join(root, DPKG_ADMIN, "diversions")).split(b"\n")
+    local = [b"".join(line + b"\n" for line in diversions[i:i + 3])
+             for i in range(0, len(diversions) - 2, 3) if diversions[i + 2] == b":"]
+    return {
+        "packages": "".join(lines).encode(),
+        "manual": "".join(m + "\n" for m in manual).encode(),
+        "statoverride": _read(os.path.join(root, DPKG_ADMIN, "statoverride")),
+        "diversions": b"".join(local),
+    }
+
+
+def _read(path: str) -> bytes:
+    """The content of ``path``; empty when there is no such file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
 
 
 def portage_files(root: str, packages: list[Package]) -> dict[str, bytes]:
     """The contents of ``installed``, ``world`` and ``world_sets`` for a Gentoo system."""
     files = {"installed": "".join(f"{p.name}-{p.version}\n" for p in packages).encode()}
     for name in ("world", "world_sets"):
-        try:
-            with open(os.path.join(root, PORTAGE_STATE, name), "rb") as f:
-                files[name] = f.read()
-        except FileNotFoundError:
-            files[name] = b""
+        files[name] = _read(os.path.join(root, PORTAGE_STATE, name))
     return files
 
 
@@ -87,7 +106,7 @@ def write(root: str, manager_name: str | None = None) -> str:
     if manager.name == "portage":
         files = portage_files(root, packages)
     else:
-        files = dpkg_files(packages)
+        files = dpkg_files(root, packages)
     directory = os.path.join(root, STATE_DIR.lstrip("/"))
     os.makedirs(directory, mode=0o755, exist_ok=True)
     for name, data in files.items():
@@ -115,6 +134,12 @@ def parse(files: dict[str, bytes]) -> State | None:
             if len(words) >= 2:
                 arch = words[2] if len(words) > 2 and words[2] != "-" else None
                 state.packages.append((words[0], words[1], arch))
+        for line in lines("statoverride"):
+            words = line.split(maxsplit=3)
+            if len(words) == 4:
+                state.overrides.append(tuple(words))
+        diversions = files.get("diversions", b"").decode("utf-8", "replace").split("\n")
+        state.diversions = [(diversions[i], diversions[i + 1]) for i in range(0, len(diversions) - 2, 3)]
         return state
     if "installed" in files:
         return State("portage", installed=lines("installed"), world=lines("world") + lines("world_sets"))

@@ -38,6 +38,23 @@ def test_dpkg_state_names_each_package_with_version_and_the_manual_ones(tmp_path
     assert read(root.path(STATE + b"/manual")).splitlines() == ["editor", "libthing:i386"]
 
 
+def test_dpkg_state_keeps_the_overrides_and_the_local_diversions(tmp_path):
+    root = DebianRoot(tmp_path / "system")
+    root.package("svc", files={b"/usr/lib/svc/helper": b"h", b"/usr/bin/tool": b"t"})
+    root.write()
+    admin = root.path(b"/var/lib/dpkg")
+    with open(admin + b"/statoverride", "wb") as f:
+        f.write(b"root adm 4750 /usr/lib/svc/helper\nroot root 755 /usr/lib/with space\n")
+    with open(admin + b"/diversions", "wb") as f:
+        f.write(b"/usr/bin/tool\n/usr/bin/tool.distrib\n:\n/bin/sh\n/bin/sh.distrib\ndash\n")
+    pkgstate.write(os.fsdecode(root.root))
+    assert read(root.path(STATE + b"/statoverride")) == "root adm 4750 /usr/lib/svc/helper\nroot root 755 /usr/lib/with space\n"
+    assert read(root.path(STATE + b"/diversions")) == "/usr/bin/tool\n/usr/bin/tool.distrib\n:\n"
+    state = pkgstate.read_directory(os.fsdecode(root.root))
+    assert state.overrides == [("root", "adm", "4750", "/usr/lib/svc/helper"), ("root", "root", "755", "/usr/lib/with space")]
+    assert state.diversions == [("/usr/bin/tool", "/usr/bin/tool.distrib")]
+
+
 def test_portage_state_copies_world_files_and_lists_installed_versions(tmp_path):
     root = GentooRoot(tmp_path / "gentoo")
     root.package("app-editors/vim-9.0.1-r2", files={b"/usr/bin/vim": b"v"})
