@@ -56,7 +56,7 @@ def list_generations(cfg: Config, as_json: bool = False) -> int:
                   sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EX_OK
-    print(f"{'GENERATION':<20}  {'FILES':>10}  {'SIZE':>10}  {'PACKAGES':>8}")
+    print(f"{'GENERATION':<20}  {'ENTRIES':>10}  {'SIZE':>10}  {'PACKAGES':>8}")
     for row in rows:
         files = f"{row['files']:,}" if row["files"] is not None else "?"
         size = human_size(row["size"]) if row["size"] is not None else "?"

@@ -100,7 +100,7 @@ def test_every_generation_holds_the_package_state_and_list_counts_the_packages(j
     run(jwbackup, system)
     second = system.generations()[-1]
     table = run(jwbackup, system, "list").stdout.decode().splitlines()
-    assert table[0].split() == ["GENERATION", "FILES", "SIZE", "PACKAGES"]
+    assert table[0].split() == ["GENERATION", "ENTRIES", "SIZE", "PACKAGES"]
     rows = {line.split()[0]: line.split()[-1] for line in table[1:]}
     assert rows == {second: "4", first: "?"}
 
