@@ -24,6 +24,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 from jwbackup.errors import UsageError
 from jwbackup.managers import DIR, FILE, SYMLINK, Manifest
 from jwbackup.paths import Canonicalizer
+from jwbackup.select import kindless_match
 from jwbackup.verify import Verifier, check
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,8 @@ def owned_unmodified(manifest: Manifest, root: bytes = b"/", verifier: Verifier 
             continue
         if entry.kind == SYMLINK and not stat.S_ISLNK(mode):
             continue
-        if entry.kind is None and stat.S_ISLNK(mode) and canon.leads_to_directory(path):
-            continue  # perhaps a package directory moved and linked back: see Selector._matches
+        if entry.kind is None and not kindless_match(mode, path, canon):
+            continue  # the admin's in place of what dpkg installed: see kindless_match
         if verifier.changed(path):
             continue
         yield path

@@ -74,6 +74,29 @@ def _owned_dir(record: bytes | None) -> bool:
     return record is not None and record[0] & KIND_MASK in (_NO_KIND, _DIR)
 
 
+def kindless_match(mode: int, path: bytes, canon: Canonicalizer) -> bool:
+    """Can the non-directory of file type ``mode`` at ``path`` be what a
+    package manager that records no kinds (dpkg's lists) installed there?
+
+    dpkg records an md5 for every regular file it installs but a conffile
+    (whose md5 is in the status file): a path it lists without one is a
+    directory or a symlink.  A regular file there is the admin's (a symlink
+    or an empty package directory replaced, ``/etc/os-release`` made a
+    file), or cannot be verified (a package without ``.md5sums``, a line of
+    it unreadable): it is backed up.  dpkg builds ``.md5sums`` itself for a
+    package without one, so on a current system none is left without.
+
+    A symlink matches unless it leads to a directory: a package directory
+    that the admin moved elsewhere and linked back (``/var/lib/mysql``) is
+    such a symlink, and nothing else tells it from a symlink the package
+    shipped.  It is backed up, along with the few symlinks to directories
+    that packages ship (98 on a workstation with 881 packages).
+    """
+    if stat.S_ISLNK(mode):
+        return not canon.leads_to_directory(path)
+    return not stat.S_ISREG(mode)
+
+
 def _cachedir_tagged(real_dir: bytes) -> bool:
     """A regular file with the signature; a FIFO or device by that name would block the walk."""
     try:
@@ -231,7 +254,7 @@ class Selector:
                             if kind == _FILE:
                                 matched = child.is_file(follow_symlinks=False)
                             elif kind == _NO_KIND and not child.is_symlink():
-                                matched = True  # dpkg's records: the rule
+                                matched = not child.is_file(follow_symlinks=False)  # see kindless_match
                             else:
                                 matched = self._matches(kind, child, base + name)
                             if matched:
@@ -299,15 +322,12 @@ class Selector:
     def _matches(self, kind: int, entry: os.DirEntry, path: bytes) -> bool:
         """Is ``entry`` (not a directory) of the kind (code) its manifest record says?
 
-        A record without a kind (dpkg's) is matched by anything but a symlink
-        that leads to a directory: a package directory that the admin moved
-        elsewhere and linked back (``/var/lib/mysql``) is such a symlink, and
-        nothing else tells it from a symlink the package shipped.  It is
-        backed up, along with the few symlinks to directories that packages
-        ship (98 on a workstation with 881 packages).
+        A record without a kind (dpkg's): see :func:`kindless_match`.
         """
         if kind == _NO_KIND:
-            return not (entry.is_symlink() and self._canon.leads_to_directory(path))
+            if entry.is_symlink():
+                return kindless_match(stat.S_IFLNK, path, self._canon)
+            return not entry.is_file(follow_symlinks=False)
         if kind == _FILE:
             return entry.is_file(follow_symlinks=False)
         if kind == _SYMLINK:

@@ -15,9 +15,11 @@ Modes (configuration key ``verify``):
   and small, and they hold the admin's settings), every other file as not.
 
 A conffile without a usable recorded digest counts as modified; any other
-file without one counts as unmodified (they are counted and logged once).  A
-file that cannot be read counts as modified, so that the transfer meets it
-and reports it.
+file recorded as one without a digest counts as unmodified (they are counted
+and logged once).  A path recorded without a kind (dpkg lists) is not judged
+here: the walk keeps a regular file there, as nothing verifies it
+(:func:`jwbackup.select.kindless_match`).  A file that cannot be read counts
+as modified, so that the transfer meets it and reports it.
 
 Hashing 100k files takes seconds; ``lstat`` on them a fraction of one.  The
 digests are therefore kept in a stat cache (:data:`CACHE_FILE` under the
@@ -66,7 +68,7 @@ from jwbackup.errors import JwbackupError
 from jwbackup.execute import ended
 from jwbackup.rsync import die_with_parent
 from jwbackup.managers import (
-    ALGORITHMS, CONFFILE, DIGEST_AT, DIR, KIND_MASK, KINDS, TARGET, Manifest, record_algorithm, record_digest,
+    ALGORITHMS, CONFFILE, DIGEST_AT, FILE, KIND_MASK, KINDS, TARGET, Manifest, record_algorithm, record_digest,
     record_target,
 )
 
@@ -81,7 +83,7 @@ CACHE_VERSION = 2
 CACHED_ALGORITHM = "md5"  # what dpkg and portage record; other digests are hashed every run
 _CACHED_CODE = ALGORITHMS.index(CACHED_ALGORITHM)
 _CACHED_END = DIGEST_AT + hashlib.new(CACHED_ALGORITHM).digest_size  # the digest's end in a record
-_DIR = KINDS.index(DIR)
+_FILE = KINDS.index(FILE)
 
 CHUNK = 1 << 20
 RACY_NS = cachedir.RACY_NS
@@ -424,8 +426,8 @@ def _scan(listing, dirs, mode, prefix, cache: _Cache, modified) -> tuple[_Order,
                         modified.add(base + name)
                         continue
                 elif not algorithm:
-                    if everything and flags & KIND_MASK != _DIR and base + name + b"/" not in dirs:
-                        no_digest.append(base + name)  # unless the manifest lists entries below it
+                    if everything and flags & KIND_MASK == _FILE:
+                        no_digest.append(base + name)
                     continue
                 elif not everything:
                     continue
@@ -512,12 +514,12 @@ def _judge(misses: _Misses, prefix: bytes, stats, modified, workers) -> None:
 
 
 def _files_among(paths: list[bytes], prefix: bytes) -> int:
-    """How many of ``paths`` are not directories (dpkg lists do not say which are)."""
-    isdir = stat.S_ISDIR
+    """How many of ``paths`` are regular files (another kind now: the walk keeps it)."""
+    isreg = stat.S_ISREG
     count = 0
     for path in paths:
         try:
-            count += not isdir(os.lstat(prefix + path).st_mode)
+            count += isreg(os.lstat(prefix + path).st_mode)
         except OSError:
             pass
     return count

@@ -338,6 +338,36 @@ def test_fake_garbage_md5sums_line_leaves_that_file_without_digest(tmp_path):
     assert manifest.get(b"/usr/sbin/tool-admin").digest == Digest("md5", md5hex(b"admin"))
 
 
+def files_and_excludes(jwbackup, root: DebianRoot, tmp_path) -> tuple[list[bytes], list[bytes]]:
+    """The system paths ``jwbackup files`` lists and those ``jwbackup excludes`` leaves out."""
+    cfg = tmp_path / "jwbackup.yaml"
+    cfg.write_text("root: [/]\n")
+    listed = jwbackup("-c", cfg, "--root", root.root, "files", "-0")
+    rules = jwbackup("-c", cfg, "--root", root.root, "excludes", "--format", "rsync", "-0")
+    assert listed.returncode == 0 and rules.returncode == 0, listed.stderr + rules.stderr
+    return ([p[len(root.root):] for p in listed.stdout.split(b"\0") if p],
+            [r[len(b"- "):] for r in rules.stdout.split(b"\0") if r])
+
+
+def test_fake_file_without_a_readable_md5_is_backed_up_and_not_excluded(jwbackup, tmp_path):
+    """Garbage in the database may make a file be backed up needlessly, never left out."""
+    root = build_root(tmp_path)
+    root.package("nosums", files={b"/usr/bin/nosums": b"built without md5sums"}, md5sums=False)
+    root.write()
+    md5sums = root.admin(b"info", b"tool.md5sums")
+    with open(md5sums, "rb") as f:
+        good = f.read()
+    with open(md5sums, "wb") as f:
+        f.write(good.replace(b"  bin/tool\n", b" bin/tool\n"))  # one space: not dpkg's format
+    for path in (b"/usr/bin/nosums", b"/usr/bin/tool"):
+        with open(root.path(path), "ab") as f:
+            f.write(b" changed by the admin")
+    selected, excluded = files_and_excludes(jwbackup, root, tmp_path)
+    assert b"/usr/bin/nosums" in selected and b"/usr/bin/tool" in selected
+    assert b"/usr/bin/nosums" not in excluded and b"/usr/bin/tool" not in excluded
+    assert b"/usr/sbin/tool-admin" in excluded and b"/usr/sbin/tool-admin" not in selected
+
+
 def test_fake_installed_package_without_list_is_a_warning(tmp_path):
     root = build_root(tmp_path)
     os.unlink(root.admin(b"info", b"editor.list"))

@@ -191,3 +191,30 @@ def test_a_package_directory_moved_away_and_linked_back_is_kept_and_not_excluded
     assert result.returncode == 0, result.stderr
     rules = result.stdout.split(b"\0")
     assert not [r for r in rules if r.endswith(b"/var/lib/db")] and [r for r in rules if r.endswith(b"/libdb.so")]
+
+
+def excluded(jwbackup, root, tmp_path) -> list[bytes]:
+    """The system paths ``jwbackup excludes --format rsync`` leaves out (the config of the last :func:`files`)."""
+    result = jwbackup("-c", tmp_path / "jwbackup.yaml", "--root", root.root, "excludes", "--format", "rsync", "-0")
+    assert result.returncode == 0, result.stderr
+    return [rule[len(b"- "):] for rule in result.stdout.split(b"\0") if rule]
+
+
+def test_a_regular_file_where_dpkg_installed_a_symlink_or_directory_is_kept_and_not_excluded(jwbackup, tmp_path):
+    """dpkg lists symlinks and directories without an md5: a regular file in
+    their place has nothing to be verified against, and is the admin's."""
+    root = DebianRoot(tmp_path / "system", usrmerge=True)
+    root.package("base-files", files={b"/usr/lib/os-release": b"NAME=Debian\n"},
+                 symlinks={b"/etc/os-release": b"../usr/lib/os-release", b"/etc/issue.net": b"issue"},
+                 dirs=[b"/etc/app.d"])
+    root.write()
+    os.unlink(root.path(b"/etc/os-release"))
+    put(root, b"/etc/os-release", b"NAME=Mine\n")
+    os.rmdir(root.path(b"/etc/app.d"))
+    put(root, b"/etc/app.d", b"a file where the package had an empty directory\n")
+    selected = files(jwbackup, root, tmp_path)
+    assert b"/etc/os-release" in selected and b"/etc/app.d" in selected
+    assert b"/etc/issue.net" not in selected and b"/usr/lib/os-release" not in selected  # the package's
+    rules = excluded(jwbackup, root, tmp_path)
+    assert b"/etc/os-release" not in rules and b"/etc/app.d" not in rules
+    assert b"/etc/issue.net" in rules and b"/usr/lib/os-release" in rules

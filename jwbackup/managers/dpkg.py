@@ -5,7 +5,9 @@ Reads the admin directory ``<root>/var/lib/dpkg`` as ``dpkg --root`` would:
 * ``status`` (through python-debian): installed packages and their conffiles;
 * ``info/<pkg>.list`` / ``info/<pkg>:<arch>.list``: every path a package
   installed (directories included, file types not recorded);
-* ``info/<pkg>.md5sums``: the md5 of each regular file;
+* ``info/<pkg>.md5sums``: the md5 of each regular file (a listed path
+  without one is a directory or a symlink, or a file nothing verifies: a
+  regular file there is backed up, see :func:`jwbackup.select.kindless_match`);
 * ``diversions``: paths dpkg installs under another name.
 
 Every path is canonicalised (:class:`jwbackup.paths.Canonicalizer`), so the
