@@ -368,6 +368,21 @@ def test_fake_file_without_a_readable_md5_is_backed_up_and_not_excluded(jwbackup
     assert b"/usr/sbin/tool-admin" in excluded and b"/usr/sbin/tool-admin" not in selected
 
 
+def test_fake_md5sums_paths_starting_with_dot_slash_are_verified_as_dpkg_reads_them(jwbackup, tmp_path):
+    root = build_root(tmp_path)
+    md5sums = root.admin(b"info", b"tool.md5sums")
+    with open(md5sums, "rb") as f:
+        good = f.read()
+    with open(md5sums, "wb") as f:  # dpkg --verify accepts both
+        f.write(good.replace(b"  bin/tool\n", b"  ./bin/tool\n").replace(b"  sbin/", b"  .//sbin/"))
+    with open(root.path(b"/usr/sbin/tool-admin"), "ab") as f:
+        f.write(b" changed by the admin")
+    selected, excluded = files_and_excludes(jwbackup, root, tmp_path)
+    assert b"/usr/bin/tool" not in selected and b"/usr/bin/tool" in excluded
+    assert b"/usr/sbin/tool-admin" in selected and b"/usr/sbin/tool-admin" not in excluded
+    assert Dpkg().manifest(root.root).warnings == []
+
+
 def test_fake_installed_package_without_list_is_a_warning(tmp_path):
     root = build_root(tmp_path)
     os.unlink(root.admin(b"info", b"editor.list"))

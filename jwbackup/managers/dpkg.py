@@ -61,7 +61,8 @@ STATUS_FIELDS = ["Package", "Status", "Version", "Architecture", "Multi-Arch", "
 MAX_LINE_WARNINGS = 10  # per file; the rest are counted in one more warning
 
 _MD5_HEX = re.compile(rb"[0-9a-fA-F]{32}")
-# md5sum(1) output, "<md5>  <path>" (or " *" in binary mode), path without the leading "/".
+# md5sum(1) output, "<md5>  <path>" (or " *" in binary mode), path without the leading "/"
+# (dpkg skips any "/" and "./" there).
 _MD5SUMS_LINE = re.compile(rb"([0-9a-fA-F]{32}) [ *](.+)", re.S)
 _MD5_FIELD = itemgetter(slice(None, 32))
 _MD5_SEPARATOR = itemgetter(slice(32, 34))
@@ -299,7 +300,17 @@ def parse_md5sums(data: bytes, path: bytes, warn: Callable[[str], None]) -> tupl
             elif line:
                 bad.append(n)
         _warn_lines(warn, path, bad, "not '<md5>  <path>'")
+    if any(map(bytes.startswith, paths, repeat((b"/", b"./")))):
+        paths = list(map(_skip_slash_dotslash, paths))
     return list(map(b"/".__add__, paths)), md5s
+
+
+def _skip_slash_dotslash(path: bytes) -> bytes:
+    """``path`` without the ``/`` and ``./`` it starts with, as dpkg reads an
+    md5sums line (``./usr/bin/e`` is ``/usr/bin/e``)."""
+    while path.startswith((b"/", b"./")):
+        path = path[1:]
+    return path
 
 
 def _warn_lines(warn: Callable[[str], None], path: bytes, numbers: list[int], what: str) -> None:
