@@ -86,14 +86,20 @@ def kindless_match(mode: int, path: bytes, canon: Canonicalizer) -> bool:
     it unreadable): it is backed up.  dpkg builds ``.md5sums`` itself for a
     package without one, so on a current system none is left without.
 
-    A symlink matches unless it leads to a directory: a package directory
-    that the admin moved elsewhere and linked back (``/var/lib/mysql``) is
-    such a symlink, and nothing else tells it from a symlink the package
-    shipped.  It is backed up, along with the few symlinks to directories
-    that packages ship (98 on a workstation with 881 packages).
+    A symlink matches when it leads to something that is not a directory:
+    a package directory that the admin moved elsewhere and linked back
+    (``/var/lib/mysql``) is a symlink to a directory, or to nothing while
+    that is not mounted, and nothing else tells it from a symlink the
+    package shipped.  It is backed up, along with the few symlinks to
+    directories or to nothing that packages ship (98 and 21 on a
+    workstation with 890 packages).
     """
     if stat.S_ISLNK(mode):
-        return not canon.leads_to_directory(path)
+        try:  # every symlink on the way resolved inside the root
+            target = os.lstat(canon.root + canon.directory(path)).st_mode
+        except OSError:
+            return False  # leads nowhere now
+        return not (stat.S_ISDIR(target) or stat.S_ISLNK(target))  # a symlink still: a loop
     return not stat.S_ISREG(mode)
 
 

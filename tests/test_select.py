@@ -205,7 +205,7 @@ def test_a_regular_file_where_dpkg_installed_a_symlink_or_directory_is_kept_and_
     their place has nothing to be verified against, and is the admin's."""
     root = DebianRoot(tmp_path / "system", usrmerge=True)
     root.package("base-files", files={b"/usr/lib/os-release": b"NAME=Debian\n"},
-                 symlinks={b"/etc/os-release": b"../usr/lib/os-release", b"/etc/issue.net": b"issue"},
+                 symlinks={b"/etc/os-release": b"../usr/lib/os-release", b"/etc/issue.net": b"../usr/lib/os-release"},
                  dirs=[b"/etc/app.d"])
     root.write()
     os.unlink(root.path(b"/etc/os-release"))
@@ -218,3 +218,18 @@ def test_a_regular_file_where_dpkg_installed_a_symlink_or_directory_is_kept_and_
     rules = excluded(jwbackup, root, tmp_path)
     assert b"/etc/os-release" not in rules and b"/etc/app.d" not in rules
     assert b"/etc/issue.net" in rules and b"/usr/lib/os-release" in rules
+
+
+def test_a_package_directory_linked_to_a_target_not_there_now_is_kept_and_not_excluded(jwbackup, tmp_path):
+    """/var/lib/db linked to /srv/db while /srv/db is not mounted: restored, the link must be there."""
+    root = DebianRoot(tmp_path / "system")
+    root.package("db", dirs=[b"/var/lib/db"], symlinks={b"/usr/lib/libdb.so": b"libdb.so.1"},
+                 files={b"/usr/lib/libdb.so.1": b"ELF"})
+    root.write()
+    os.rmdir(root.path(b"/var/lib/db"))
+    os.symlink(b"/srv/db", root.path(b"/var/lib/db"))
+    selected = files(jwbackup, root, tmp_path)
+    assert b"/var/lib/db" in selected
+    assert b"/usr/lib/libdb.so" not in selected
+    rules = excluded(jwbackup, root, tmp_path)
+    assert b"/var/lib/db" not in rules and b"/usr/lib/libdb.so" in rules
