@@ -13,7 +13,7 @@ Reads the admin directory ``<root>/var/lib/dpkg`` as ``dpkg --root`` would:
 Every path is canonicalised (:class:`jwbackup.paths.Canonicalizer`), so the
 ``/sbin/...`` that dpkg lists on a merged-/usr system is recorded as
 ``/usr/sbin/...``.  Anything unreadable or malformed is skipped with a warning
-in :attr:`Manifest.warnings`: garbage may make a file be backed up needlessly,
+in :attr:`Manifest.warnings` (for the caller to log): garbage may make a file be backed up needlessly,
 never left out wrongly.
 """
 
@@ -403,8 +403,7 @@ def _load_manifest(root: str | bytes) -> Manifest:
     manifest = Manifest()
 
     def warn(message: str) -> None:
-        logger.warning("%s", message)
-        manifest.warnings.append(message)
+        manifest.warnings.append(message)  # logged by whoever loads it, kept or not: once
 
     info_dir = _admin(root, b"info")
     status = read_status(_admin(root, b"status"))
