@@ -31,14 +31,6 @@ class Canonicalizer:
         """Every directory path looked at that was not a symlink (or did not exist)."""
         return [path for path in self._dirs if path not in self.links and path not in (b"", b"/")]
 
-    def leads_to_directory(self, path: bytes) -> bool:
-        """Is there a directory at the end of ``path``, every symlink on the way
-        (the last component too) resolved inside ``root``?"""
-        try:
-            return stat.S_ISDIR(os.lstat(self.root + self.directory(path)).st_mode)
-        except OSError:
-            return False  # dangling
-
     def __call__(self, path: bytes) -> bytes:
         """The canonical form of the absolute system path ``path``."""
         path = posixpath.normpath(path)
