@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("-n", "--dry-run", action="store_true", default=argparse.SUPPRESS,
                          help="show what would be copied (rsync's itemized list); change nothing")
     restore.add_argument("--delete", action="store_true",
-                         help="delete what the restored directories hold at the target but the generation does not")
+                         help="delete what a backup made now would hold in the restored directories and the generation "
+                              "does not (created since); installed files, pruned, .no-backup and cache-tagged directories "
+                              "and the destination are kept")
     restore.add_argument("--packages", action="store_true", help="print the package reinstall plan (apt-get or emerge commands)")
     restore.add_argument("--from", dest="state_from", metavar="DIR",
                          help=f"with --packages: read the package state from DIR ({pkgstate.STATE_DIR} as another tool "

@@ -4,8 +4,9 @@
   ssh) back to where they were, or under another directory, with
   ``rsync -aHAX --numeric-ids``: contents, modes, owners, ACLs, xattrs, times,
   symlinks and hard links come back as they were.  Nothing at the target is
-  deleted unless asked (``--delete``).  Files are compared as rsync does
-  (size and mtime), so a restore into place copies only what differs.
+  deleted unless asked (``--delete``, see :func:`extra_paths`).  Files are
+  compared as rsync does (size and mtime), so a restore into place copies only
+  what differs.
 * :func:`restore_packages` prints the commands that reinstall the packages a
   generation recorded (see :mod:`jwbackup.pkgstate`).
 * :func:`diff` lists what was added, removed or changed between two
@@ -22,13 +23,16 @@ import stat
 import sys
 from typing import Iterable, NamedTuple
 
-from jwbackup import pkgstate, rsync, transport
+from jwbackup import pkgstate, rsync, swap, transport
 from jwbackup.backup import destination_of
 from jwbackup.config import Config
 from jwbackup.errors import EX_OK, EX_WARNINGS, JwbackupError, TransferError, UsageError
 from jwbackup.execute import first_cause
+from jwbackup.generate import load_manifest
 from jwbackup.generations import LATEST
 from jwbackup.repository import Repository
+from jwbackup.select import Selector, system_path
+from jwbackup.verify import Verifier
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +88,7 @@ def missing_ancestors(target: bytes, paths: Iterable[bytes]) -> list[bytes]:
     return sorted(missing, key=lambda p: (p.count(b"/"), p))
 
 
-def restore_command(source: str, target: str, *, recursive: bool, transport_args=(), dry_run=False,
-                    delete=False) -> list[str]:
+def restore_command(source: str, target: str, *, recursive: bool, transport_args=(), dry_run=False) -> list[str]:
     """rsync reading the paths to restore (relative to ``source``) from stdin, NUL-separated.
 
     Existing parent directories at the target are left as they are
@@ -95,8 +98,6 @@ def restore_command(source: str, target: str, *, recursive: bool, transport_args
     argv = ["rsync", "-aHAX", "--sparse", "--numeric-ids", "--files-from=-", "--from0", "--no-implied-dirs"]
     argv.append("--recursive" if recursive else "--no-recursive")
     argv += list(transport_args)
-    if delete:
-        argv.append("--delete")
     if dry_run:
         argv += ["--dry-run", "--itemize-changes"]
     return argv + [source.rstrip("/") + "/", target.rstrip("/") + "/"]
@@ -117,6 +118,9 @@ def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generati
         if absent:
             shown = ", ".join(os.fsdecode(p) for p in absent[:5]) + (", ..." if len(absent) > 5 else "")
             raise UsageError(f"not in generation {name}: {shown}")
+        if delete:
+            extra = extra_paths(cfg, root, to, repo, source, requested)
+            _delete(to, extra, dry_run)
         # The ancestors are restored after the paths, so that their times stay as recorded.
         ancestors = missing_ancestors(to, requested)
         runs = [(requested, True)] + ([(ancestors, False)] if ancestors else [])
@@ -124,7 +128,7 @@ def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generati
         for listed, recursive in runs:
             argv = restore_command(
                 t.rsync_target(source), os.fsdecode(to) or "/", recursive=recursive,
-                transport_args=t.rsync_args(), dry_run=dry_run, delete=delete and recursive,
+                transport_args=t.rsync_args(), dry_run=dry_run,
             )
             result = rsync.transfer(
                 argv, [p.lstrip(b"/") or b"." for p in listed], env=t.env(),
@@ -151,6 +155,74 @@ def _absent(repo: Repository, source: str, paths: list[bytes]) -> list[bytes]:
     out = repo.transport.run(["find", *wanted, "-maxdepth", "0", "-printf", r"%p\0"], check=False).stdout
     found = set(out.split(b"\0"))
     return [p for full, p in wanted.items() if full not in found]
+
+
+def extra_paths(cfg: Config, root: str, to: bytes, repo: Repository, source: str, paths: list[bytes]) -> list[bytes]:
+    """What ``--delete`` removes: the paths below the directories ``paths`` at
+    ``to`` that a backup made now would hold and the generation at ``source``
+    does not (created since).
+
+    rsync's own ``--delete`` would remove everything the generation leaves
+    out by design.  Here the backup's walk decides, so pruned, ``.no-backup``
+    and cache-tagged directories, swap files and a local destination are
+    never met; installed files are never deleted, modified or not (the walk
+    runs without verification, and nothing the package manager of ``root``
+    records is deleted: a conffile edited since is reverted or kept, never
+    removed).
+    """
+    tops = [p for p in paths if stat.S_ISDIR(_lstat_mode(to + p))]
+    if not tops:
+        return []
+    manifest = load_manifest(cfg, root)
+    where = os.fsdecode(to) or "/"
+    prune = [os.fsencode(p) for p in cfg.prune]
+    dest = destination_of(cfg)
+    if not dest.remote:
+        inside = system_path(os.fsencode(os.path.realpath(where)), os.fsencode(os.path.realpath(dest.directory)))
+        if inside is not None:
+            prune.append(inside)
+    selector = Selector(manifest, root=where, prune=prune, verifier=Verifier(), swap_files=swap.files(where))
+    wanted = set(selector.select(tops))
+    prefix = os.fsencode(source)
+    out = repo.transport.run(["find", *(prefix + p for p in tops), "-printf", r"%p\0"]).stdout
+    held = {p[len(prefix):] for p in out.split(b"\0") if p}
+    return sorted(p for p in wanted - held if p not in manifest)
+
+
+def _lstat_mode(path: bytes) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
+
+
+def _delete(to: bytes, paths: list[bytes], dry_run: bool) -> None:
+    """Delete ``paths`` under ``to``, deepest first; a directory only once
+    nothing is left in it (what the backup leaves out stays, and so does
+    the directory holding it).  A dry run prints what would go, as rsync's
+    ``--itemize-changes`` does."""
+    gone: set[bytes] = set()
+    for path in sorted(paths, reverse=True):
+        real = to + path
+        try:
+            if stat.S_ISDIR(os.lstat(real).st_mode):
+                if any(posixpath.join(path, name) not in gone for name in os.listdir(real)):
+                    continue
+                if not dry_run:
+                    os.rmdir(real)
+                path += b"/"
+            elif not dry_run:
+                os.unlink(real)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("cannot delete %s: %s", os.fsdecode(real), exc.strerror)
+            continue
+        gone.add(path.rstrip(b"/"))
+        if dry_run:
+            sys.stdout.buffer.write(b"*deleting   " + path.lstrip(b"/") + b"\n")
+    if not dry_run and gone:
+        logger.info("deleted %d paths that the generation does not hold", len(gone))
 
 
 # -- packages --------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,45 @@ def test_diff_against_the_system_now(jwbackup, system):
     assert b"- /etc/hostname" in lines
     assert b"+ /srv/new" in lines
     assert not [line for line in lines if b"state.db" in line or b"/usr/bin/tool" in line]
+
+
+CACHEDIR_TAG = b"Signature: 8a477f597d28d172789f06886806bc55\n"
+
+
+def test_delete_removes_only_what_a_backup_now_would_hold_and_the_generation_does_not(jwbackup, system):
+    """Installed files, pruned, .no-backup and cache-tagged directories and the
+    backups themselves are left out of a generation by design: --delete keeps them."""
+    kept = [
+        system.path(b"/usr/bin/tool"),  # installed, unmodified
+        system.path(b"/etc/tool.conf"),  # an unmodified conffile
+        system.write(b"/home/alice/scratch/.no-backup", b""),
+        system.write(b"/home/alice/scratch/big", b"left out\n"),
+        system.write(b"/home/alice/.cache/CACHEDIR.TAG", CACHEDIR_TAG),
+        system.write(b"/home/alice/.cache/thumb", b"left out\n"),
+        system.write(b"/var/cache/app/data", b"pruned\n"),
+    ]
+    system.dest = Path(os.fsdecode(system.path(b"/var/backups/jwbackup")))  # under a restored directory
+    system.dest.mkdir(mode=0o700, parents=True)
+    system.configure()
+    generation = backup(jwbackup, system)
+    created = [
+        system.write(b"/home/alice/project/new-since-the-backup", b"delete me\n"),
+        system.write(b"/home/alice/new dir/deeper/file", b"delete me\n"),
+        system.write(b"/etc/new.conf", b"delete me\n"),
+        system.write(b"/var/lib/app/new", b"delete me\n"),
+    ]
+    paths = ["/home/alice", "/etc", "/usr", "/var"]
+    result = run(jwbackup, system, "restore", "--dry-run", "--delete", *paths)
+    assert result.returncode == 0, result.stderr.decode()
+    deleting = sorted(line.split(None, 1)[1] for line in result.stdout.splitlines() if line.startswith(b"*deleting"))
+    assert deleting == [b"etc/new.conf", b"home/alice/new dir/", b"home/alice/new dir/deeper/",
+                        b"home/alice/new dir/deeper/file", b"home/alice/project/new-since-the-backup",
+                        b"var/lib/app/new"]
+    assert all(os.path.exists(p) for p in created)
+    result = run(jwbackup, system, "restore", "--delete", *paths)
+    assert result.returncode == 0, result.stderr.decode()
+    assert [p for p in created if os.path.lexists(p)] == []
+    assert not os.path.lexists(system.path(b"/home/alice/new dir"))
+    assert [p for p in kept if not os.path.exists(p)] == []
+    assert system.generations() == [generation]
+    assert os.path.exists(system.in_generation(generation, b"/home/alice/project/notes.txt"))
