@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore = command("restore", "copy files back from a generation, or print the package reinstall plan")
     restore.epilog = (
         "PATHs are named as the system sees them (/etc/ssh, /home/alice/notes.txt); relative ones start from "
-        "the current directory.  They come back with their modes, owners, ACLs, xattrs and times, to where they "
+        "the current directory; a symlink above one in the generation (/bin -> usr/bin) is followed within the "
+        "generation, never out of it.  They come back with their modes, owners, ACLs, xattrs and times, to where they "
         "were (under --root) or under --target DIR.  Nothing at the target is deleted without --delete.  "
         "With --packages: print the commands that reinstall the packages the generation recorded."
     )

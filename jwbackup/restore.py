@@ -114,10 +114,14 @@ def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generati
     with t:
         name = pick_generation(repo.listing().complete, generation)
         source = repo.path(name)
-        absent = _absent(repo, source, requested)
+        requested, absent = locate(repo, source, requested)
         if absent:
-            shown = ", ".join(os.fsdecode(p) for p in absent[:5]) + (", ..." if len(absent) > 5 else "")
+            shown = ", ".join(absent[:5]) + (", ..." if len(absent) > 5 else "")
             raise UsageError(f"not in generation {name}: {shown}")
+        for path in requested:
+            if path.shown != path.path:
+                logger.info("%s is %s in generation %s", os.fsdecode(path.shown), os.fsdecode(path.path), name)
+        requested = list(dict.fromkeys(p.path for p in requested))
         if delete:
             extra = extra_paths(cfg, root, to, repo, source, requested)
             _delete(to, extra, dry_run)
@@ -149,12 +153,75 @@ def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generati
     return status
 
 
-def _absent(repo: Repository, source: str, paths: list[bytes]) -> list[bytes]:
-    """The ``paths`` that the generation at ``source`` does not hold (one ``find`` for all)."""
-    wanted = {os.fsencode(source) + p: p for p in paths}
-    out = repo.transport.run(["find", *wanted, "-maxdepth", "0", "-printf", r"%p\0"], check=False).stdout
-    found = set(out.split(b"\0"))
-    return [p for full, p in wanted.items() if full not in found]
+MAX_SYMLINKS = 40  # as the kernel's ELOOP
+
+
+class Located(NamedTuple):
+    shown: bytes  # as requested
+    path: bytes  # in the generation, through no symlink
+
+
+def locate(repo: Repository, source: str, paths: list[bytes]) -> tuple[list[Located], list[str]]:
+    """Where each of ``paths`` is in the generation at ``source``, and why
+    those it does not hold are missing.
+
+    A path is never read through a symlink of the generation: each directory
+    above it is looked up without following it (``find -P``), and where one
+    is a symlink (``/bin -> usr/bin`` with usrmerge, a home linked to
+    ``/srv``), it is resolved as if the generation were the root (absolute
+    targets start at the generation, ``..`` stops there), so that the path
+    the system would have reached is restored, or reported missing.  Read
+    through the kernel, an absolute symlink would have led to the live
+    host's files.  One ``find`` for all the paths, one more per symlink met.
+    """
+    pending = {p: (p, 0, "") for p in paths}  # requested -> (where now, symlinks met, the first one)
+    found: list[Located] = []
+    absent: list[str] = []
+    while pending:
+        kinds = _lookup(repo, source, {a for current, _, _ in pending.values() for a in _lineage(current)})
+        for shown, (current, hops, through) in list(pending.items()):
+            del pending[shown]
+            lineage = _lineage(current)
+            above = next((a for a in lineage[:-1] if kinds.get(a, ("",))[0] != "d"), None)
+            if above is None and current in kinds:
+                found.append(Located(shown, current))
+                continue
+            if above is not None and kinds.get(above, ("",))[0] == "l":
+                link = kinds[above][1]
+                through = through or f"{os.fsdecode(above)} -> {os.fsdecode(link)}"
+                if hops < MAX_SYMLINKS:
+                    pending[shown] = (_resolve(above, link, current), hops + 1, through)
+                    continue
+            absent.append(os.fsdecode(shown) + (f" (through {through})" if through else ""))
+    order = {p: i for i, p in enumerate(paths)}
+    found.sort(key=lambda located: order[located.shown])
+    return found, absent
+
+
+def _resolve(above: bytes, link: bytes, path: bytes) -> bytes:
+    """``path`` with its ancestor ``above`` replaced by where the symlink
+    ``above -> link`` leads, within the generation: ``..`` is taken
+    lexically, never past its top, so the result stays inside."""
+    start = b"/" if link.startswith(b"/") else posixpath.dirname(above)
+    return posixpath.join(posixpath.normpath(posixpath.join(start, link)), path[len(above) + 1:])
+
+
+def _lineage(path: bytes) -> list[bytes]:
+    """The directories above ``path`` (but ``/``), outermost first, then ``path``."""
+    lineage = [path]
+    while lineage[0] != b"/" and posixpath.dirname(lineage[0]) != b"/":
+        lineage.insert(0, posixpath.dirname(lineage[0]))
+    return lineage
+
+
+def _lookup(repo: Repository, source: str, paths: Iterable[bytes]) -> dict[bytes, tuple[str, bytes]]:
+    """find's kind (``%y``) and symlink target of those ``paths`` the
+    generation at ``source`` holds, the last component not followed."""
+    wanted = {os.fsencode(source) + p: p for p in sorted(paths)}
+    out = repo.transport.run(["find", *wanted, "-maxdepth", "0", "-printf", r"%p\0%y\0%l\0"], check=False).stdout
+    fields = out.split(b"\0")
+    return {wanted[full]: (kind.decode(), link) for full, kind, link in zip(fields[0::3], fields[1::3], fields[2::3])
+            if full in wanted}
 
 
 def extra_paths(cfg: Config, root: str, to: bytes, repo: Repository, source: str, paths: list[bytes]) -> list[bytes]:

@@ -204,3 +204,36 @@ def test_delete_removes_only_what_a_backup_now_would_hold_and_the_generation_doe
     assert [p for p in kept if not os.path.exists(p)] == []
     assert system.generations() == [generation]
     assert os.path.exists(system.in_generation(generation, b"/home/alice/project/notes.txt"))
+
+
+def test_a_path_through_a_symlink_out_of_the_generation_is_refused_not_read_from_the_host(jwbackup, system, tmp_path):
+    hostside = tmp_path / "hostside"
+    hostside.mkdir()
+    (hostside / "secret.txt").write_bytes(b"the live host's file\n")
+    os.symlink(hostside, system.path(b"/home/alice/data"))
+    system.configure()
+    generation = backup(jwbackup, system)
+    target = tmp_path / "restored"
+    result = run(jwbackup, system, "restore", "-t", target, "/home/alice/data/secret.txt")
+    assert result.returncode == 64
+    assert result.stderr.decode().strip().splitlines() == [
+        f"jwbackup: error: not in generation {generation}: /home/alice/data/secret.txt "
+        f"(through /home/alice/data -> {hostside})"
+    ]
+    assert not os.path.lexists(target / "home/alice/data")
+
+
+def test_a_path_through_a_symlink_within_the_generation_is_restored_where_it_leads(jwbackup, system, tmp_path):
+    system.write(b"/usr/bin/mine", b"#!/bin/sh\necho mine\n")  # /bin -> usr/bin: usrmerge
+    os.symlink(b"../project/bin", system.path(b"/home/alice/tools"))
+    os.rename(system.path(b"/home/alice/project"), system.path(b"/home/project"))
+    system.configure()
+    generation = backup(jwbackup, system)
+    assert os.path.islink(system.in_generation(generation, b"/bin"))
+    target = tmp_path / "restored"
+    result = run(jwbackup, system, "restore", "-t", target, "/bin/mine", "/home/alice/tools/run")
+    assert result.returncode == 0, result.stderr.decode()
+    assert (target / "usr/bin/mine").read_bytes() == b"#!/bin/sh\necho mine\n"
+    assert (target / "home/project/bin/run").read_bytes() == b"#!/bin/sh\necho run\n"
+    assert not os.path.lexists(target / "bin") and not os.path.lexists(target / "home/alice")
+    assert f"/bin/mine is /usr/bin/mine in generation {generation}" in (tmp_path / "jwbackup.log").read_text()
