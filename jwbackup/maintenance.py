@@ -34,7 +34,7 @@ def init(cfg: Config) -> int:
 def list_generations(cfg: Config, as_json: bool = False) -> int:
     dest, t, repo = _open(cfg)
     with t:
-        listing = repo.listing()
+        listing = repo.listing(writable=False)
         stats = repo.read_stats()
         packages = pkgstate.count_packages(repo, listing.complete)
     rows = [

@@ -34,9 +34,10 @@ STATS_DIR = ".stats"
 # Exit statuses of the scripts below that mean "the destination is not usable".
 _MISSING, _UNWRITABLE, _CLOBBER, _COMMITTED_BUT = 90, 91, 92, 93
 
+# $1 directory, $2 "write" when the command will write there
 _LIST = r"""
 [ -d "$1" ] || exit 90
-[ -w "$1" ] && [ -x "$1" ] || exit 91
+[ "$2" != write ] || { [ -w "$1" ] && [ -x "$1" ]; } || exit 91
 exec find "$1" -mindepth 1 -maxdepth 1 -printf '%y\0%f\0'
 """
 
@@ -125,10 +126,13 @@ class Repository:
         self.transport.run(["mkdir", "-p", "-m", "0700", "--", self.directory])
         return True
 
-    def listing(self) -> Listing:
+    def listing(self, writable: bool = True) -> Listing:
         """The generations and other entries; fails clearly unless the
-        destination is a writable directory."""
-        out = self._script(_LIST, self.directory).stdout
+        destination is a directory, and with ``writable`` (commands that
+        write: backup, prune, init) a writable one.  Listing and restoring
+        need no more than reading: a disaster recovery may well read from a
+        read-only mount."""
+        out = self._script(_LIST, self.directory, "write" if writable else "read").stdout
         fields = out.split(b"\0")
         entries = [
             (name, kind.decode() if kind in (b"d", b"l") else "f")

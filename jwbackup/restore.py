@@ -112,7 +112,7 @@ def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generati
     dest, t, repo = _open(cfg)
     to = os.fsencode(os.path.abspath(target if target is not None else root)).rstrip(b"/")
     with t:
-        name = pick_generation(repo.listing().complete, generation)
+        name = pick_generation(repo.listing(writable=False).complete, generation)
         source = repo.path(name)
         requested, absent = locate(repo, source, requested)
         if absent:
@@ -367,7 +367,7 @@ def package_plan(state: pkgstate.State, origin: str, exact_versions: bool = Fals
 def restore_packages(cfg: Config, generation: str | None = None, exact_versions: bool = False) -> int:
     dest, t, repo = _open(cfg)
     with t:
-        name = pick_generation(repo.listing().complete, generation)
+        name = pick_generation(repo.listing(writable=False).complete, generation)
         state = read_state(repo, name)
     if state is None:
         raise JwbackupError(
@@ -505,7 +505,7 @@ def diff(cfg: Config, root: str, names: list[str], null: bool = False) -> int:
         raise UsageError("diff takes one generation (compared with the system now) or two")
     dest, t, repo = _open(cfg)
     with t:
-        complete = repo.listing().complete
+        complete = repo.listing(writable=False).complete
         picked = [pick_generation(complete, n) for n in names]
         old = _generation_records(repo, picked[0])
         new = _generation_records(repo, picked[1]) if len(picked) == 2 else None

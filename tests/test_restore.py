@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,51 @@ def test_a_path_through_a_symlink_within_the_generation_is_restored_where_it_lea
     assert (target / "home/project/bin/run").read_bytes() == b"#!/bin/sh\necho run\n"
     assert not os.path.lexists(target / "bin") and not os.path.lexists(target / "home/alice")
     assert f"/bin/mine is /usr/bin/mine in generation {generation}" in (tmp_path / "jwbackup.log").read_text()
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """``read_only(directory)``: a read-only bind mount of ``directory``, unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount")
+    mounted = []
+
+    def mount(directory) -> Path:
+        point = tmp_path / f"read-only-{len(mounted)}"
+        point.mkdir()
+        subprocess.run(["mount", "--bind", directory, point], check=True)
+        mounted.append(point)
+        subprocess.run(["mount", "-o", "remount,bind,ro", point], check=True)
+        return point
+
+    try:
+        yield mount
+    finally:
+        for point in reversed(mounted):
+            subprocess.run(["umount", point], check=True)
+
+
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_a_read_only_destination_can_be_listed_restored_from_and_compared(jwbackup, system, sshd, read_only,
+                                                                           tmp_path, where):
+    ssh = ssh_destination(sshd) if where == "ssh" else ""
+    system.configure(destination=ssh)
+    generation = backup(jwbackup, system)
+    system.write(b"/home/alice/project/notes.txt", b"changed since\n")
+    system.configure(directory=read_only(system.dest), destination=ssh)
+    result = run(jwbackup, system, "list")
+    assert result.returncode == 0, result.stderr.decode()
+    assert generation.encode() in result.stdout
+    target = tmp_path / "restored"
+    result = run(jwbackup, system, "restore", "-t", target, "/home/alice/project/notes.txt")
+    assert result.returncode == 0, result.stderr.decode()
+    assert (target / "home/alice/project/notes.txt").read_bytes() == b"remember the milk\n"
+    result = run(jwbackup, system, "diff", generation)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"M /home/alice/project/notes.txt" in result.stdout.splitlines()
+    result = run(jwbackup, system, "restore", "--packages")
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"apt-get install" in result.stdout
+    result = run(jwbackup, system)  # a backup writes: refused
+    assert result.returncode == 75
+    assert "is not writable" in result.stderr.decode()
