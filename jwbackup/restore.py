@@ -4,9 +4,10 @@
   ssh) back to where they were, or under another directory, with
   ``rsync -aHAX --numeric-ids``: contents, modes, owners, ACLs, xattrs, times,
   symlinks and hard links come back as they were.  Nothing at the target is
-  deleted unless asked (``--delete``, see :func:`extra_paths`).  Files are
-  compared as rsync does (size and mtime), so a restore into place copies only
-  what differs.
+  deleted unless asked (``--delete``, see :func:`extra_paths`).  Files already
+  at the target are compared by content (``--checksum``), so a restore into
+  place rewrites only what differs, and a file changed behind a kept size
+  and mtime is not mistaken for the backup's.
 * :func:`restore_packages` prints the commands that reinstall the packages a
   generation recorded (see :mod:`jwbackup.pkgstate`).
 * :func:`diff` lists what was added, removed or changed between two
@@ -88,15 +89,25 @@ def missing_ancestors(target: bytes, paths: Iterable[bytes]) -> list[bytes]:
     return sorted(missing, key=lambda p: (p.count(b"/"), p))
 
 
-def restore_command(source: str, target: str, *, recursive: bool, transport_args=(), dry_run=False) -> list[str]:
+def restore_command(source: str, target: str, *, recursive: bool, transport_args=(), dry_run=False,
+                    checksum=False) -> list[str]:
     """rsync reading the paths to restore (relative to ``source``) from stdin, NUL-separated.
 
     Existing parent directories at the target are left as they are
     (``--no-implied-dirs``).  Without ``recursive`` only the listed entries
     themselves are copied (used for the parents that have to be recreated).
+
+    With ``checksum``, files of the same size are compared by content, not
+    by mtime: rsync's quick check would keep a file whose content changed
+    but whose size and mtime did not (``touch -r``, a clock set back, a
+    tool that keeps times).  ``--checksum`` rather than ``--ignore-times``:
+    the latter rewrites every file, unchanged ones too (new inodes, all the
+    writes), where this reads both sides and writes only what differs.
     """
     argv = ["rsync", "-aHAX", "--sparse", "--numeric-ids", "--files-from=-", "--from0", "--no-implied-dirs"]
     argv.append("--recursive" if recursive else "--no-recursive")
+    if checksum:
+        argv.append("--checksum")
     argv += list(transport_args)
     if dry_run:
         argv += ["--dry-run", "--itemize-changes"]
@@ -128,11 +139,13 @@ def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generati
         # The ancestors are restored after the paths, so that their times stay as recorded.
         ancestors = missing_ancestors(to, requested)
         runs = [(requested, True)] + ([(ancestors, False)] if ancestors else [])
+        # Into an empty place there is nothing to compare: the sender's checksums would only double the reads.
+        present = any(os.path.lexists(to + p) for p in requested)
         status = EX_OK
         for listed, recursive in runs:
             argv = restore_command(
                 t.rsync_target(source), os.fsdecode(to) or "/", recursive=recursive,
-                transport_args=t.rsync_args(), dry_run=dry_run,
+                transport_args=t.rsync_args(), dry_run=dry_run, checksum=recursive and present,
             )
             result = rsync.transfer(
                 argv, [p.lstrip(b"/") or b"." for p in listed], env=t.env(),

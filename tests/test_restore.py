@@ -286,3 +286,16 @@ def test_a_read_only_destination_can_be_listed_restored_from_and_compared(jwback
     result = run(jwbackup, system)  # a backup writes: refused
     assert result.returncode == 75
     assert "is not writable" in result.stderr.decode()
+
+
+def test_a_file_changed_without_changing_size_or_mtime_is_restored(jwbackup, system):
+    system.configure()
+    backup(jwbackup, system)
+    notes = system.path(b"/home/alice/project/notes.txt")
+    recorded = os.lstat(notes)
+    system.write(b"/home/alice/project/notes.txt", b"remember the milK\n")  # same size
+    os.utime(notes, ns=(recorded.st_atime_ns, recorded.st_mtime_ns))
+    result = run(jwbackup, system, "restore", "/home/alice/project")
+    assert result.returncode == 0, result.stderr.decode()
+    with open(notes, "rb") as f:
+        assert f.read() == b"remember the milk\n"
