@@ -8,7 +8,7 @@ Exit codes (also in jwbackup(8)):
   64  usage error
   65  a package database that cannot be read safely
   70  internal error (a bug: please report it with the -L DEBUG output)
-  74  rsync failed; the in-progress generation is kept for the next run
+  74  rsync failed: a backup keeps the in-progress generation for the next run; a restore is incomplete
   75  temporary failure: another run holds the lock, or the destination is unreachable
   78  configuration error
 """

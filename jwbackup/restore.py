@@ -133,15 +133,12 @@ def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generati
             if path.shown != path.path:
                 logger.info("%s is %s in generation %s", os.fsdecode(path.shown), os.fsdecode(path.path), name)
         requested = list(dict.fromkeys(p.path for p in requested))
-        if delete:
-            extra = extra_paths(cfg, root, to, repo, source, requested)
-            _delete(to, extra, dry_run)
+        failed = _delete(to, extra_paths(cfg, root, to, repo, source, requested), dry_run) if delete else []
         # The ancestors are restored after the paths, so that their times stay as recorded.
         ancestors = missing_ancestors(to, requested)
         runs = [(requested, True)] + ([(ancestors, False)] if ancestors else [])
         # Into an empty place there is nothing to compare: the sender's checksums would only double the reads.
         present = any(os.path.lexists(to + p) for p in requested)
-        status = EX_OK
         for listed, recursive in runs:
             argv = restore_command(
                 t.rsync_target(source), os.fsdecode(to) or "/", recursive=recursive,
@@ -149,7 +146,7 @@ def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generati
             )
             result = rsync.transfer(
                 argv, [p.lstrip(b"/") or b"." for p in listed], env=t.env(),
-                secrets=[dest.password] if dest.password else [],
+                secrets=[dest.password] if dest.password else [], dry_run=dry_run,
             )
             if dry_run:
                 sys.stdout.buffer.write(result.output.rstrip(b"\n") + b"\n" if result.output.strip() else b"")
@@ -157,13 +154,17 @@ def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generati
                 stderr = "\n".join(result.errors).encode()
                 raise t.connection_error(stderr, result.returncode) or TransferError(
                     f"restore from {name} failed: {first_cause(stderr) or f'rsync exited with status {result.returncode}'}")
-            if result.returncode:
-                for line in result.errors:
-                    logger.warning("rsync: %s", line)
-                status = EX_WARNINGS
-    logger.info("%s %d paths from %s to %s", "would restore" if dry_run else "restored", len(requested), name,
-                os.fsdecode(to) or "/")
-    return status
+            for line in result.errors:
+                logger.warning("%s", line if line.startswith("rsync") else f"rsync: {line}")
+            if result.returncode:  # what could not be written, without rsync's closing summary
+                failed += [line for line in result.errors if not line.startswith("rsync error:")] or [
+                    f"rsync exited with status {result.returncode}"]
+    where = os.fsdecode(to) or "/"
+    if failed and not dry_run:
+        more = f" (and {len(failed) - 1} more, listed above)" if len(failed) > 1 else ""
+        raise TransferError(f"restore from {name} to {where} is incomplete: {failed[0]}{more}")
+    logger.info("%s %d paths from %s to %s", "would restore" if dry_run else "restored", len(requested), name, where)
+    return EX_WARNINGS if failed else EX_OK
 
 
 MAX_SYMLINKS = 40  # as the kernel's ELOOP
@@ -276,12 +277,13 @@ def _lstat_mode(path: bytes) -> int:
         return 0
 
 
-def _delete(to: bytes, paths: list[bytes], dry_run: bool) -> None:
+def _delete(to: bytes, paths: list[bytes], dry_run: bool) -> list[str]:
     """Delete ``paths`` under ``to``, deepest first; a directory only once
     nothing is left in it (what the backup leaves out stays, and so does
     the directory holding it).  A dry run prints what would go, as rsync's
-    ``--itemize-changes`` does."""
+    ``--itemize-changes`` does.  Returns what could not be deleted, and why."""
     gone: set[bytes] = set()
+    failed = []
     for path in sorted(paths, reverse=True):
         real = to + path
         try:
@@ -296,13 +298,15 @@ def _delete(to: bytes, paths: list[bytes], dry_run: bool) -> None:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            logger.warning("cannot delete %s: %s", os.fsdecode(real), exc.strerror)
+            failed.append(f"cannot delete {os.fsdecode(real)}: {exc.strerror}")
+            logger.warning("%s", failed[-1])
             continue
         gone.add(path.rstrip(b"/"))
         if dry_run:
             sys.stdout.buffer.write(b"*deleting   " + path.lstrip(b"/") + b"\n")
     if not dry_run and gone:
         logger.info("deleted %d paths that the generation does not hold", len(gone))
+    return failed
 
 
 # -- packages --------------------------------------------------------------------

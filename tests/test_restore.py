@@ -299,3 +299,19 @@ def test_a_file_changed_without_changing_size_or_mtime_is_restored(jwbackup, sys
     assert result.returncode == 0, result.stderr.decode()
     with open(notes, "rb") as f:
         assert f.read() == b"remember the milk\n"
+
+
+def test_a_restore_that_cannot_write_everything_says_it_is_incomplete_and_what_failed(jwbackup, system, tmp_path):
+    system.configure()
+    generation = backup(jwbackup, system)
+    notes = system.path(b"/home/alice/project/notes.txt")
+    os.unlink(notes)
+    system.write(b"/home/alice/project/notes.txt/since", b"a directory now, not empty\n")
+    os.unlink(system.path(b"/home/alice/project/secret"))
+    result = run(jwbackup, system, "restore", "/home/alice/project")
+    assert result.returncode == 74
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines[-1] == (f"jwbackup: error: restore from {generation} to {system.root_dir} is incomplete: "
+                         "could not make way for new regular file: home/alice/project/notes.txt")
+    assert "restored" not in (tmp_path / "jwbackup.log").read_text()
+    assert os.path.exists(system.path(b"/home/alice/project/secret"))  # the rest came back
