@@ -11,6 +11,8 @@ Exit codes (also in jwbackup(8)):
   74  rsync failed: a backup keeps the in-progress generation for the next run; a restore is incomplete
   75  temporary failure: another run holds the lock, or the destination is unreachable
   78  configuration error
+  130 interrupted (Ctrl-C): a backup keeps the in-progress generation, its on_error hooks have run
+  143 stopped by SIGTERM (systemctl stop, shutdown): as for 130
 """
 
 from __future__ import annotations

@@ -107,6 +107,9 @@ Directories to back up: one absolute path or a list (default:
 .B prune
 Directories never walked into; replaces the default list
 (/tmp, /proc, /sys, /dev, /mnt, /var/tmp, /var/run, /var/cache, /run, /lost+found).
+A directory listed under
+.B root
+is backed up all the same.
 .TP
 .B destination.directory
 Where generations are written, one directory per run named after its start time
@@ -144,7 +147,9 @@ Also keep the newest generation of each of the last N days, weeks, months, years
 like
 .BR "borg prune" ;
 0 turns a rule off.
-The newest generation is never removed.
+The newest generation is never removed, nor the one a run has just made,
+even when the clock was set back behind the names of earlier ones (the run
+warns of those).
 .TP
 .B manager
 The package manager whose files are left out,
