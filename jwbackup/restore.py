@@ -325,7 +325,7 @@ def read_state(repo: Repository, name: str) -> pkgstate.State | None:
 
 def _command(words: list[str], items: list[str]) -> list[str]:
     """A shell command over several lines: ``words``, then ``items`` wrapped with backslashes."""
-    lines, line = [], " ".join(shlex.quote(w) for w in words)
+    lines, line = [], shlex.join(words)
     for item in map(shlex.quote, items):
         if len(line) + 1 + len(item) > LINE_WIDTH - 2:
             lines.append(line + " \\")
@@ -371,13 +371,22 @@ def package_plan(state: pkgstate.State, origin: str, exact_versions: bool = Fals
         f"{len(manual)} installed explicitly.",
         "# Run as root on the same release and architecture"
         + ("; pinned versions may no longer be in the archive." if exact_versions else "."),
-        "apt-get update",
     ]
+    if state.diversions:
+        lines.append("# The local diversions first, so that dpkg installs those files under their new names:")
+        lines += [shlex.join(["dpkg-divert", "--local", "--rename", "--divert", to, "--add", path])
+                  for path, to in state.diversions]
+    lines.append("apt-get update")
     if manual:
         lines += _command(["apt-get", "install"], [spec(m) for m in sorted(manual)])
     if auto:
         lines.append("# Optional: the packages that were installed as dependencies, marked automatic again:")
         lines += _command(["apt-get", "install", "--mark-auto"], [spec(a) for a in auto])
+    if state.overrides:
+        lines.append("# The owner and mode overrides (dpkg-statoverride), put on the installed files; an")
+        lines.append("# override naming a user or group of your own works once /etc is restored:")
+        lines += [shlex.join(["dpkg-statoverride", "--force-statoverride-add", "--update", "--add", *override])
+                  for override in state.overrides]
     return lines
 
 

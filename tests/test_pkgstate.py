@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -114,6 +116,34 @@ def test_restore_packages_prints_install_commands_naming_every_manual_package(jw
     assert "apt-get install --mark-auto libcurl4" in plan
     exact = run(jwbackup, system, "restore", "--packages", "--exact-versions").stdout.decode()
     assert "apt-get install curl=7.88.1-10 tool=1.0-1 zsh=5.9-4" in exact
+
+
+def test_plan_puts_back_local_diversions_and_overrides_with_commands_dpkg_takes(jwbackup, system, tmp_path):
+    admin = system.path(b"/var/lib/dpkg")
+    with open(admin + b"/statoverride", "wb") as f:
+        f.write(b"root adm 4750 /usr/bin/curl\n")
+    with open(admin + b"/diversions", "wb") as f:  # a local one, and one a package made
+        f.write(b"/usr/bin/zsh\n/usr/bin/zsh.real\n:\n/bin/sh\n/bin/sh.distrib\ndash\n")
+    run(jwbackup, system)
+    plan = run(jwbackup, system, "restore", "--packages").stdout.decode().splitlines()
+    divert = "dpkg-divert --local --rename --divert /usr/bin/zsh.real --add /usr/bin/zsh"
+    override = "dpkg-statoverride --force-statoverride-add --update --add root adm 4750 /usr/bin/curl"
+    commands = [line for line in plan if not line.startswith(("#", " "))]
+    assert [c.split()[0] for c in commands] == ["dpkg-divert", "apt-get", "apt-get", "apt-get", "dpkg-statoverride"]
+    assert commands[0] == divert and commands[-1] == override
+
+    # The commands work: on the system as a reinstall leaves it (no diversion,
+    # no override), dpkg's own tools take them (with --root for the fake root).
+    fresh = tmp_path / "fresh"
+    shutil.copytree(system.root_dir, fresh, symlinks=True)
+    for name in ("statoverride", "diversions"):
+        (fresh / "var/lib/dpkg" / name).write_bytes(b"")
+    for line in (divert, override):
+        program, *args = line.split()
+        subprocess.run([program, "--root", str(fresh), *args], check=True, capture_output=True)
+    assert (fresh / "usr/bin/zsh.real").read_bytes() == b"zsh" and not (fresh / "usr/bin/zsh").exists()
+    st = os.stat(fresh / "usr/bin/curl")
+    assert (oct(st.st_mode & 0o7777), st.st_uid, st.st_gid) == ("0o4750", 0, grp.getgrnam("adm").gr_gid)
 
 
 def test_generators_write_the_package_state_first_unless_told_not_to(jwbackup, system, tmp_path):
