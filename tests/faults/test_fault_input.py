@@ -115,7 +115,11 @@ def test_lock_directory_writable_by_others_is_refused(jwbackup, system, tmp_path
     os.chmod(lockdir, 0o777)
     system.configure()
     result = backup(jwbackup, system, ok=False)
-    assert "writable by no one else" in one_error_line(result)
+    assert result.returncode == 78
+    assert one_error_line(result) == (
+        f"jwbackup: error: {system.config}:2: lock_file: {lockdir} is writable by other users: "
+        "put the lock in a directory of its own, such as /run/lock/jwbackup"
+    )
     assert complete_generations(system.dest) == []
 
 
