@@ -20,6 +20,7 @@ from jwbackup.config import Config
 from jwbackup.errors import EX_OK, EX_WARNINGS
 from jwbackup.excludes import owned_unmodified, write_atomically, write_rules
 from jwbackup.managers import Manifest
+from jwbackup.paths import Canonicalizer
 from jwbackup.select import Selector, system_path
 
 logger = logging.getLogger(__name__)
@@ -97,11 +98,25 @@ def files(cfg: Config, root: str, null: bool = False, no_dirs: bool = False, wri
     return EX_WARNINGS if selector.stats.unreadable else EX_OK
 
 
+def swap_paths(root: str) -> list[bytes]:
+    """The swap files, under the names fstab gives them and those a walk meets them by.
+
+    An fstab name may go through a symlinked directory (``/swaplink/swap2``,
+    ``/swaplink -> srv/swapdir``): borg, tar and restic walk ``/`` and meet
+    ``/srv/swapdir/swap2``, so that name needs the rule, as the selector
+    resolves it too.  The fstab name costs one rule more and serves a tool
+    given the symlinked path.
+    """
+    canon = Canonicalizer(root)
+    named = swap.files(root)
+    return sorted(named | set(map(canon, named)))
+
+
 def excludes(cfg: Config, root: str, fmt: str, output: str | None = None, null: bool = False,
              write_state: bool = True) -> int:
     manifest = load_manifest(cfg, root, write_state)
     verifier = verify.check(manifest, root, cfg.verify)
-    paths = chain(owned_unmodified(manifest, os.fsencode(root), verifier), sorted(swap.files(root)))
+    paths = chain(owned_unmodified(manifest, os.fsencode(root), verifier), swap_paths(root))
 
     def fill(out):
         return write_rules(paths, fmt, out, root=os.fsencode(root), null=null)

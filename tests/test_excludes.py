@@ -96,3 +96,20 @@ def test_output_file_is_replaced_atomically(jwbackup, root, tmp_path):
     excludes(jwbackup, root, tmp_path, "borg")
     assert os.stat(out).st_ino != inode  # a new file renamed over the old one
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".jwbackup-")]
+
+
+def test_a_swap_file_named_through_a_symlinked_directory_is_excluded_where_rsync_meets_it(jwbackup, root, tmp_path):
+    """fstab says /swaplink/swap2; the walk of / meets it as /srv/swapdir/swap2."""
+    os.makedirs(root.path(b"/srv/swapdir"))
+    with open(root.path(b"/srv/swapdir/swap2"), "wb") as f:
+        f.write(b"memory pages")
+    os.symlink(b"srv/swapdir", root.path(b"/swaplink"))
+    with open(root.path(b"/etc/fstab"), "wb") as f:
+        f.write(b"/swaplink/swap2 none swap sw 0 0\n")
+    rules = excludes(jwbackup, root, tmp_path, "rsync")
+    dest = tmp_path / "copy"
+    subprocess.run(["rsync", "-a", f"--exclude-from={rules}", root.root + b"/", os.fsencode(dest) + b"/"], check=True)
+    copied = tree(os.fsencode(dest))
+    assert b"/etc/fstab" in copied
+    assert b"/srv/swapdir/swap2" not in copied
+    assert b"- /swaplink/swap2" in rules.read_bytes().split(b"\n")  # the name fstab gives, for a tool given that path
