@@ -80,6 +80,8 @@ def make_selector(cfg: Config, root: str, manifest: Manifest, alongside: bool = 
 
 
 def files(cfg: Config, root: str, null: bool = False, no_dirs: bool = False, write_state: bool = True) -> int:
+    """Print the paths a backup holds; 1 when the list lacks some (an unreadable
+    directory, a name with a newline without ``-0``), so that a pipeline stops."""
     manifest = load_manifest(cfg, root, write_state)
     selector = make_selector(cfg, root, manifest)
     prefix = os.fsencode(root).rstrip(b"/")
@@ -95,7 +97,7 @@ def files(cfg: Config, root: str, null: bool = False, no_dirs: bool = False, wri
     out.flush()
     if skipped:
         logger.warning("%d paths hold a newline and were left out; use -0", skipped)
-    return EX_WARNINGS if selector.stats.unreadable else EX_OK
+    return EX_WARNINGS if selector.stats.unreadable or skipped else EX_OK
 
 
 def swap_paths(root: str) -> list[bytes]:

@@ -130,7 +130,7 @@ def test_newline_names_need_null_separation(jwbackup, root, tmp_path):
     cfg = tmp_path / "nl.yaml"
     cfg.write_text("root: [/home]\n")
     text = jwbackup("-c", cfg, "--root", root.root, "files")
-    assert text.returncode == 0
+    assert text.returncode == 1  # the list is incomplete: a pipeline with pipefail must not carry on
     assert b"new\nline" not in text.stdout
     assert b"hold a newline" in text.stderr
     assert b"/home/new\nline" in files(jwbackup, root, tmp_path, ["/home"])
