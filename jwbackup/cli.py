@@ -8,6 +8,7 @@ Exit codes (also in jwbackup(8)):
   64  usage error
   65  a package database that cannot be read safely
   70  internal error (a bug: please report it with the -L DEBUG output)
+  73  the output (-o FILE, or stdout) cannot be written; an existing FILE is left as it was
   74  rsync failed: a backup keeps the in-progress generation for the next run; a restore is incomplete
   75  temporary failure: another run holds the lock, or the destination is unreachable
   78  configuration error

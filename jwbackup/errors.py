@@ -52,6 +52,12 @@ class LockedError(JwbackupError):
     exit_code = EX_TEMPFAIL
 
 
+class OutputError(JwbackupError):
+    """The output (``-o FILE``, or stdout) cannot be written; an existing file is left as it was."""
+
+    exit_code = EX_CANTCREAT
+
+
 class TransferError(JwbackupError):
     """rsync failed; the in-progress generation was kept, nothing was committed."""
 

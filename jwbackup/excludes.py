@@ -193,25 +193,66 @@ def write_rules(
     return written
 
 
-def write_atomically(path: str, fill: Callable[[BinaryIO], object]) -> object:
-    """Write a file through a temporary neighbour and rename it into place.
+class Replacement:
+    """A new file that replaces ``path`` on :meth:`commit`, or vanishes.
 
-    A reader (borg, started by borgmatic) sees the old file or the new one,
-    never half of one.
+    It is written as a temporary neighbour and renamed into place, so a reader
+    (borg, started by borgmatic) sees the old file or the new one, never half
+    of one; on any failure the old file stays as it was.  An existing file
+    keeps its mode, owner and group (an admin who chose them keeps them); a
+    new one gets ``mode``, whatever the umask.  Every step raises OSError.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".jwbackup-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            result = fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
+
+    def __init__(self, path: str, mode: int = 0o644):
+        self.path = path
+        self.mode = mode
+        fd, self._tmp = tempfile.mkstemp(prefix=".jwbackup-", dir=os.path.dirname(os.path.abspath(path)))
+        self.file = os.fdopen(fd, "wb")
+
+    def commit(self) -> None:
+        self.file.flush()
+        self._keep_mode(self.file.fileno())
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self._tmp, self.path)
+        self._tmp = None
+
+    def discard(self) -> None:
+        if self._tmp is None:
+            return
         try:
-            os.unlink(tmp)
+            self.file.close()
+        except OSError:
+            pass  # a failed flush of what is thrown away anyway
+        try:
+            os.unlink(self._tmp)
         except FileNotFoundError:
             pass
-        raise
+        self._tmp = None
+
+    def _keep_mode(self, fd: int) -> None:
+        try:
+            old = os.stat(self.path)
+        except FileNotFoundError:
+            os.fchmod(fd, self.mode)
+            return
+        if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+            try:
+                os.fchown(fd, old.st_uid, old.st_gid)
+            except PermissionError:
+                logger.info("%s: cannot keep its owner and group (%d:%d)", self.path, old.st_uid, old.st_gid)
+        os.fchmod(fd, stat.S_IMODE(old.st_mode))
+
+    def __enter__(self) -> "Replacement":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
+def write_atomically(path: str, fill: Callable[[BinaryIO], object], mode: int = 0o644) -> object:
+    """Write ``path`` through a :class:`Replacement`; returns what ``fill`` returns."""
+    with Replacement(path, mode) as new:
+        result = fill(new.file)
+        new.commit()
     return result

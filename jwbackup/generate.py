@@ -14,11 +14,12 @@ import os
 import sys
 import time
 from itertools import chain
+from typing import NoReturn
 
 from jwbackup import managers, manifestcache, pkgstate, swap, verify
 from jwbackup.config import Config
-from jwbackup.errors import EX_OK, EX_WARNINGS
-from jwbackup.excludes import owned_unmodified, write_atomically, write_rules
+from jwbackup.errors import EX_OK, EX_WARNINGS, OutputError, UsageError
+from jwbackup.excludes import Replacement, owned_unmodified, write_rules
 from jwbackup.managers import Manifest
 from jwbackup.paths import Canonicalizer
 from jwbackup.select import Selector, system_path
@@ -79,6 +80,61 @@ def make_selector(cfg: Config, root: str, manifest: Manifest, alongside: bool = 
     return Selector(manifest, root=root, prune=prune, verifier=verifier, swap_files=swap.files(root))
 
 
+class Output:
+    """Where ``files`` and ``excludes`` write: stdout, or ``path`` replaced
+    atomically (:class:`~jwbackup.excludes.Replacement`).
+
+    The file is opened first, so a name that cannot be written fails at once,
+    before any work.  Whatever stops the output (a missing directory, a full
+    disk or stdout on /dev/full) ends the command in one line naming it, exit
+    73, an existing file as it was.  A new file is made mode 0600: the rules
+    are read by root's backup tools, and which conffiles they leave out says
+    which ones the admin changed.
+    """
+
+    NEW_FILE_MODE = 0o600
+
+    def __init__(self, path: str | None = None):
+        if path == "":
+            raise UsageError("-o needs a file name; leave it out to write to stdout")
+        self.name = "stdout" if path is None else path
+        self._new: Replacement | None = None
+        try:
+            if path is not None:
+                self._new = Replacement(path, self.NEW_FILE_MODE)
+        except OSError as exc:
+            self._failed(exc)
+        self._stream = sys.stdout.buffer if self._new is None else self._new.file
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._stream.write(data)
+        except OSError as exc:
+            self._failed(exc)
+
+    def close(self) -> None:
+        """Put the file in place (or flush stdout): the output is complete."""
+        try:
+            if self._new is None:
+                self._stream.flush()
+            else:
+                self._new.commit()
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> NoReturn:
+        if isinstance(exc, BrokenPipeError):
+            raise exc  # the reader went away (jwbackup files | head): cli.py ends quietly
+        raise OutputError(f"cannot write {self.name}: {exc.strerror or exc}") from exc
+
+    def __enter__(self) -> Output:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._new is not None:
+            self._new.discard()  # after close(): nothing left to do
+
+
 def files(cfg: Config, root: str, null: bool = False, no_dirs: bool = False, write_state: bool = True) -> int:
     """Print the paths a backup holds; 1 when the list lacks some (an unreadable
     directory, a name with a newline without ``-0``), so that a pipeline stops."""
@@ -86,15 +142,15 @@ def files(cfg: Config, root: str, null: bool = False, no_dirs: bool = False, wri
     selector = make_selector(cfg, root, manifest)
     prefix = os.fsencode(root).rstrip(b"/")
     sep = b"\0" if null else b"\n"
-    out = sys.stdout.buffer
     paths = selector.select(cfg.roots, directories=not no_dirs)
     skipped = 0
-    for path in paths:
-        if not null and b"\n" in path:
-            skipped += 1
-            continue
-        out.write(prefix + path + sep)
-    out.flush()
+    with Output() as out:
+        for path in paths:
+            if not null and b"\n" in path:
+                skipped += 1
+                continue
+            out.write(prefix + path + sep)
+        out.close()
     if skipped:
         logger.warning("%d paths hold a newline and were left out; use -0", skipped)
     return EX_WARNINGS if selector.stats.unreadable or skipped else EX_OK
@@ -116,18 +172,12 @@ def swap_paths(root: str) -> list[bytes]:
 
 def excludes(cfg: Config, root: str, fmt: str, output: str | None = None, null: bool = False,
              write_state: bool = True) -> int:
-    manifest = load_manifest(cfg, root, write_state)
-    verifier = verify.check(manifest, root, cfg.verify)
-    paths = chain(owned_unmodified(manifest, os.fsencode(root), verifier), swap_paths(root))
-
-    def fill(out):
-        return write_rules(paths, fmt, out, root=os.fsencode(root), null=null)
-
-    if output:
-        written = write_atomically(output, fill)
-    else:
-        written = fill(sys.stdout.buffer)
-        sys.stdout.buffer.flush()
+    with Output(output) as out:
+        manifest = load_manifest(cfg, root, write_state)
+        verifier = verify.check(manifest, root, cfg.verify)
+        paths = chain(owned_unmodified(manifest, os.fsencode(root), verifier), swap_paths(root))
+        written = write_rules(paths, fmt, out, root=os.fsencode(root), null=null)
+        out.close()
     logger.info("%d %s exclude rules written%s", written.rules, fmt, f" to {output}" if output else "")
     if written.unexpressible:
         logger.warning(

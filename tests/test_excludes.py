@@ -4,10 +4,11 @@ exactly the installed, unmodified files, whatever their names."""
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 
 import pytest
-
+from conftest import JWBACKUP
 from fakeroot import DebianRoot
 
 # Installed files with names that rule syntaxes find hard.
@@ -113,3 +114,62 @@ def test_a_swap_file_named_through_a_symlinked_directory_is_excluded_where_rsync
     assert b"/etc/fstab" in copied
     assert b"/srv/swapdir/swap2" not in copied
     assert b"- /swaplink/swap2" in rules.read_bytes().split(b"\n")  # the name fstab gives, for a tool given that path
+
+
+def config(tmp_path):
+    cfg = tmp_path / "jwbackup.yaml"
+    cfg.write_text("root: [/]\n")
+    return cfg
+
+
+@pytest.mark.parametrize("where, reason", [
+    ("missing/excludes", "No such file or directory"),
+    ("a-directory", "Is a directory"),
+    ("a-file/excludes", "Not a directory"),
+])
+def test_an_output_file_that_cannot_be_written_fails_in_one_line_naming_it(jwbackup, root, tmp_path, where, reason):
+    (tmp_path / "a-directory").mkdir()
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / where
+    result = jwbackup("-c", config(tmp_path), "--root", root.root, "excludes", "--no-package-state", "-o", out)
+    assert result.returncode == 73, result.stderr
+    assert result.stderr.decode().splitlines()[-1] == f"jwbackup: error: cannot write {out}: {reason}"
+    assert b"internal error" not in result.stderr and b".jwbackup-" not in result.stderr
+    assert os.listdir(tmp_path / "a-directory") == []
+
+
+def test_an_existing_output_file_is_left_as_it_was_when_the_run_fails(jwbackup, root, tmp_path):
+    out = tmp_path / "excludes.borg"
+    out.write_bytes(b"pf:/the/old/rules\n")
+    result = jwbackup("-c", config(tmp_path), "--root", root.root, "excludes", "--format", "borg", "-0", "-o", out)
+    assert result.returncode == 64
+    assert out.read_bytes() == b"pf:/the/old/rules\n"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".jwbackup-")]
+
+
+def test_an_empty_output_name_is_a_usage_error_not_stdout(jwbackup, root, tmp_path):
+    result = jwbackup("-c", config(tmp_path), "--root", root.root, "excludes", "-o", "")
+    assert result.returncode == 64
+    assert result.stdout == b""
+    assert b"-o needs a file name" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["excludes"], ["files"]])
+def test_a_full_stdout_fails_in_one_line(root, tmp_path, command):
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([JWBACKUP, "-l", "-", "-c", config(tmp_path), "--root", root.root, *command],
+                                stdout=full, stderr=subprocess.PIPE)
+    assert result.returncode == 73, result.stderr
+    assert result.stderr.decode().splitlines()[-1] == "jwbackup: error: cannot write stdout: No space left on device"
+
+
+def test_an_existing_output_file_keeps_its_mode_and_a_new_one_is_private(jwbackup, root, tmp_path):
+    kept, new = tmp_path / "kept", tmp_path / "new"
+    kept.write_bytes(b"")
+    kept.chmod(0o640)
+    for out in (kept, new):
+        result = jwbackup("-c", config(tmp_path), "--root", root.root, "excludes", "-o", out)
+        assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+    assert stat.S_IMODE(new.stat().st_mode) == 0o600
+    assert root.path(b"/etc/hard.conf") in kept.read_bytes().split(b"\n")
