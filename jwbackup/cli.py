@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out directories that hold anything (for tools that recurse into listed directories, like restic)",
     )
 
-    excludes = command("excludes", "print exclude rules for the installed, unmodified files and swap files")
+    excludes = command("excludes", "print exclude rules for the installed, unmodified files, swap files and pruned directories")
     excludes.add_argument("--format", "-f", choices=sorted(EXCLUDE_FORMATS), default="plain", help="rule syntax (default: plain)")
     excludes.add_argument("-o", "--output", metavar="FILE", help="write to FILE atomically instead of stdout")
     excludes.add_argument("-0", "--null", action="store_true", help="end each rule with NUL (rsync --from0, plain)")

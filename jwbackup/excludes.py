@@ -1,7 +1,8 @@
 """Exclude rules and file lists for other backup tools.
 
 ``jwbackup excludes`` tells borg, rsync, restic or tar what *not* to back up:
-every installed, unmodified, non-directory path.  Rule syntaxes differ in what
+every installed, unmodified, non-directory path, the swap files, and the
+directories of the prune list with all below them.  Rule syntaxes differ in what
 they can express, and each tool's reader trims lines on its own terms; every
 rule is written so that the tool reads back exactly the path (tested with the
 real tools).  A path a syntax cannot express at all (a newline in a
@@ -100,6 +101,16 @@ def borg_rule(path: bytes) -> bytes:
     return b"re:^" + regex.encode("utf-8") + b"\\Z"
 
 
+def borg_directory_rule(path: bytes) -> bytes:
+    # The directory and everything below it: borg given exclude patterns
+    # alone (borgmatic 1.7) does not enter an excluded directory, and
+    # borgmatic 2 makes them "!" (no recursion), but a prefix says so itself.
+    rule = borg_rule(path)
+    if rule.startswith(b"pf:"):
+        return b"pp:" + rule[3:]
+    return rule[: -len(b"\\Z")] + b"(?:/|\\Z)"
+
+
 def rsync_rule(path: bytes) -> bytes:
     # Anchored at the transfer root.  rsync treats a backslash as an escape only
     # when the pattern holds a wildcard, so escape only then.
@@ -150,10 +161,13 @@ class Format:
     anchored_at_root: bool  # rules name system paths (rsync) instead of real ones
     null_ok: bool  # the tool can read NUL-separated rules
     cr_ok: bool = False  # the rule function has placed any \r where the tool's line reader keeps it
+    # A rule for a directory and all below it; by default ``rule``, as rsync,
+    # restic and tar do not enter a directory they exclude.
+    directory_rule: Callable[[bytes], bytes | None] | None = None
 
 
 FORMATS = {
-    "borg": Format(borg_rule, False, False, cr_ok=True),
+    "borg": Format(borg_rule, False, False, cr_ok=True, directory_rule=borg_directory_rule),
     "rsync": Format(rsync_rule, True, True),
     "restic": Format(restic_rule, False, False, cr_ok=True),
     "tar": Format(tar_rule, False, False, cr_ok=True),
@@ -168,18 +182,23 @@ class Written:
 
 
 def write_rules(
-    paths: Iterable[bytes], fmt: str, out: BinaryIO, root: bytes = b"/", null: bool = False
+    paths: Iterable[bytes], fmt: str, out: BinaryIO, root: bytes = b"/", null: bool = False,
+    directories: bool = False,
 ) -> Written:
-    """Write one rule per path to ``out``; count what could not be expressed."""
+    """Write one rule per path to ``out``; count what could not be expressed.
+
+    With ``directories``, each rule leaves out the directory and everything below it.
+    """
     form = FORMATS[fmt]
     if null and not form.null_ok:
         raise UsageError(f"{fmt} reads its exclude file line by line; -0 is for rsync and plain")
     prefix = b"" if form.anchored_at_root else os.fsencode(root).rstrip(b"/")
     sep = b"\0" if null else b"\n"
+    make_rule = (directories and form.directory_rule) or form.rule
     written = Written()
     buf = []
     for path in paths:
-        rule = form.rule(prefix + path)
+        rule = make_rule(prefix + path)
         if rule is None or (not null and (b"\n" in rule or (b"\r" in rule and not form.cr_ok))):
             written.unexpressible += 1
             continue

@@ -50,6 +50,23 @@ def load_manifest(cfg: Config, root: str, write_state: bool = False) -> Manifest
     return manifest
 
 
+def pruned(cfg: Config, root: str) -> list[bytes]:
+    """The directories the walk does not enter: the prune list, and a local destination inside the system.
+
+    A directory listed as a root is backed up even when the prune list names
+    it too, as one below a pruned directory is: ``root: /var/cache/apt``
+    under the default list, say.  The destination stays pruned whatever.
+    """
+    roots = set(cfg.roots)
+    prune = [os.fsencode(p) for p in cfg.prune if p not in roots]
+    dest = cfg.destination
+    if dest is not None and not dest.remote:
+        inside = system_path(os.fsencode(os.path.realpath(root)), os.fsencode(os.path.realpath(dest.directory)))
+        if inside is not None:
+            prune.append(inside)
+    return prune
+
+
 def make_selector(cfg: Config, root: str, manifest: Manifest, alongside: bool = False) -> Selector:
     """A selector over ``root`` that skips the prune list, a local destination and swap files.
 
@@ -59,16 +76,7 @@ def make_selector(cfg: Config, root: str, manifest: Manifest, alongside: bool = 
     while the walk goes on (:class:`verify.Running`; the selector must then
     be closed).
     """
-    # A directory listed as a root is backed up even when the prune list names
-    # it too, as one below a pruned directory is: ``root: /var/cache/apt``
-    # under the default list, say.  The destination stays pruned whatever.
-    roots = set(cfg.roots)
-    prune = [os.fsencode(p) for p in cfg.prune if p not in roots]
-    dest = cfg.destination
-    if dest is not None and not dest.remote:
-        inside = system_path(os.fsencode(os.path.realpath(root)), os.fsencode(os.path.realpath(dest.directory)))
-        if inside is not None:
-            prune.append(inside)
+    prune = pruned(cfg, root)
     verifier = None
     if alongside and cfg.verify != "none" and len(os.sched_getaffinity(0)) >= 2:
         try:
@@ -172,13 +180,21 @@ def swap_paths(root: str) -> list[bytes]:
 
 def excludes(cfg: Config, root: str, fmt: str, output: str | None = None, null: bool = False,
              write_state: bool = True) -> int:
+    """Write exclude rules that leave out what the backup's own walk leaves out:
+    the pruned directories, swap files, and the installed, unmodified files."""
     with Output(output) as out:
         manifest = load_manifest(cfg, root, write_state)
         verifier = verify.check(manifest, root, cfg.verify)
         paths = chain(owned_unmodified(manifest, os.fsencode(root), verifier), swap_paths(root))
+        # The directories first: the few lines a reader of the file looks for
+        directories = write_rules(pruned(cfg, root), fmt, out, root=os.fsencode(root), null=null, directories=True)
         written = write_rules(paths, fmt, out, root=os.fsencode(root), null=null)
         out.close()
-    logger.info("%d %s exclude rules written%s", written.rules, fmt, f" to {output}" if output else "")
+    logger.info("%d %s exclude rules written%s", directories.rules + written.rules, fmt,
+                f" to {output}" if output else "")
+    if directories.unexpressible:
+        logger.warning("%d directories of the prune list have names that %s rules cannot express; "
+                       "they are not excluded", directories.unexpressible, fmt)
     if written.unexpressible:
         logger.warning(
             "%d installed files have names that %s rules cannot express; they are not excluded (they will be backed up)",

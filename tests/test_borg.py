@@ -12,6 +12,7 @@ characters included.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import os
 import shlex
 import shutil
@@ -23,6 +24,8 @@ import pytest
 import yaml
 from conftest import JWBACKUP
 from fakeroot import DebianRoot
+
+from jwbackup.excludes import write_rules
 
 BORGMATIC_1 = Path("/usr/bin/borgmatic")
 BORGMATIC_2 = Path(sys.executable).with_name("borgmatic")
@@ -73,6 +76,15 @@ SKIPPED = {
 }
 
 
+# Under directories of jwbackup's default prune list: left out by its walk, and by the rules.
+PRUNED = {
+    b"/mnt/data/file": b"another disk",
+    b"/lost+found/x": b"fsck's finds",
+    b"/tmp/x": b"scratch",
+    b"/var/cache/app/blob": b"cached",
+}
+
+
 def build_root(path: Path) -> bytes:
     """A fake Debian root with the files above; returns it as bytes."""
     root = DebianRoot(path, usrmerge=True)
@@ -96,9 +108,10 @@ def non_directories(top: bytes) -> set[bytes]:
     return found
 
 
-def write_jwbackup_config(tmp: Path) -> Path:
+def write_jwbackup_config(tmp: Path, default_prune: bool = False) -> Path:
     path = tmp / "jwbackup.yaml"
-    path.write_text(f"root: /\nprune: []\nlock_file: {tmp / 'lock'}\ndestination:\n  directory: {tmp / 'dest'}\n")
+    prune = "" if default_prune else "prune: []\n"
+    path.write_text(f"root: /\n{prune}lock_file: {tmp / 'lock'}\ndestination:\n  directory: {tmp / 'dest'}\n")
     return path
 
 
@@ -107,10 +120,19 @@ def system(tmp_path):
     return backed_up_system(tmp_path)
 
 
-def backed_up_system(tmp_path: Path):
-    """The fake root, a jwbackup config for it, and the file set of its rsync generation."""
+def backed_up_system(tmp_path: Path, default_prune: bool = False):
+    """The fake root, a jwbackup config for it, and the file set of its rsync generation.
+
+    With ``default_prune``, the config keeps jwbackup's default prune list and
+    the root has files under it (:data:`PRUNED`).
+    """
     root = build_root(tmp_path / "root")
-    cfg = write_jwbackup_config(tmp_path)
+    if default_prune:
+        for name, content in PRUNED.items():
+            os.makedirs(os.path.dirname(root + name), exist_ok=True)
+            with open(root + name, "wb") as f:
+                f.write(content)
+    cfg = write_jwbackup_config(tmp_path, default_prune)
     (tmp_path / "dest").mkdir(mode=0o700)
     result = subprocess.run([JWBACKUP, "-l", str(tmp_path / "jwbackup.log"), "-c", cfg, "--root", root],
                             capture_output=True)
@@ -118,7 +140,7 @@ def backed_up_system(tmp_path: Path):
     [generation] = [p for p in (tmp_path / "dest").iterdir() if p.name[:1].isdigit()]
     expected = non_directories(os.fsencode(generation))
     assert MODIFIED in expected and set(UNOWNED) <= expected
-    assert not expected & (set(OWNED) | set(SKIPPED))
+    assert not expected & (set(OWNED) | set(SKIPPED) | set(PRUNED))
     return root, cfg, expected
 
 
@@ -248,6 +270,47 @@ def test_borgmatic_2_archive_holds_exactly_the_files_jwbackup_keeps_and_dry_run_
     assert f"{prefix}/etc/local file" in listing
     assert f"{prefix}/usr/share/demo/with space" not in listing
     assert archived_files(tmp_path, repo, root, env) == expected
+
+
+@needs_borg
+@pytest.mark.parametrize("borgmatic", [
+    pytest.param(1, marks=pytest.mark.skipif(not BORGMATIC_1.exists(), reason="Debian's borgmatic is not installed")),
+    pytest.param(2, marks=pytest.mark.skipif(not (borgmatic_2_version() or "").startswith("2."),
+                                             reason="borgmatic 2 is not in the test venv")),
+])
+def test_the_archive_leaves_out_the_prune_list_as_jwbackup_does(tmp_path, borgmatic):
+    """/mnt, /lost+found, /tmp, /var/cache: the rules carry jwbackup's default prune list."""
+    root, cfg, expected = backed_up_system(tmp_path, default_prune=True)
+    env = borg_env(tmp_path)
+    repo, excludes = tmp_path / "repo", tmp_path / "excludes.borg"
+    if borgmatic == 1:
+        config = borgmatic_1_config(tmp_path, cfg, root, repo, excludes)
+        run([BORGMATIC_1, "-c", config, "init", "--encryption", "none"], env)
+        run([BORGMATIC_1, "-c", config, "create"], env)
+    else:
+        config = borgmatic_2_config(tmp_path, cfg, root, repo, excludes)
+        run([BORGMATIC_2, "-c", config, "repo-create", "--encryption", "none"], env)
+        run([BORGMATIC_2, "-c", config, "create"], env)
+    assert archived_files(tmp_path, repo, root, env) == expected
+    assert b"pp:" + root + b"/lost+found" in excludes.read_bytes().split(b"\n")
+
+
+@needs_borg
+def test_a_directory_rule_borg_would_trim_leaves_out_that_directory_alone(tmp_path):
+    """A pruned directory named "odd " gets an re: rule; "odd" beside it and "odd x" stay."""
+    top = tmp_path / "top"
+    for name in ("odd /inside", "odd /deeper/file", "odd/kept", "odd x/kept"):
+        (top / name).parent.mkdir(parents=True, exist_ok=True)
+        (top / name).write_text("x")
+    rules = io.BytesIO()
+    write_rules([b"/odd "], "borg", rules, root=os.fsencode(top), directories=True)
+    assert rules.getvalue().startswith(b"re:^")
+    (tmp_path / "excludes.borg").write_bytes(rules.getvalue())
+    env = borg_env(tmp_path)
+    repo = tmp_path / "repo"
+    run(["borg", "init", "--encryption", "none", repo], env)
+    run(["borg", "create", "--exclude-from", tmp_path / "excludes.borg", f"{repo}::a", top], env)
+    assert archived_files(tmp_path, repo, os.fsencode(top), env) == {b"/odd/kept", b"/odd x/kept"}
 
 
 @needs_borg

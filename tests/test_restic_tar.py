@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import JWBACKUP
-from test_borg import OWNED, SKIPPED, backed_up_system, non_directories
+from test_borg import OWNED, PRUNED, SKIPPED, backed_up_system, non_directories
 
 from jwbackup.excludes import write_rules
 
@@ -81,6 +81,19 @@ def test_restic_exclude_file_round_trip_leaves_out_exactly_the_installed_files(s
     assert non_directories(restored() + root) - tags == expected
 
 
+@needs_restic
+def test_restic_exclude_file_leaves_out_the_prune_list_as_jwbackup_does(tmp_path, restic):
+    root, cfg, expected = backed_up_system(tmp_path, default_prune=True)
+    env, restored = restic
+    rules, stderr = excludes(tmp_path, cfg, root, "restic")
+    subprocess.run(["restic", "backup", "--exclude-caches", "--exclude-if-present", ".no-backup", "--exclude-file", rules,
+                    root], env=env, check=True, capture_output=True)
+    archived = non_directories(restored() + root)
+    assert not archived & set(PRUNED)
+    tags = {p for p in SKIPPED if p.endswith((b"/CACHEDIR.TAG", b"/.no-backup"))} | {b"/var/lib/jwbackup/cache/CACHEDIR.TAG"}
+    assert archived - tags == expected
+
+
 def extract(archive: Path, tmp: Path) -> bytes:
     target = tmp / "extracted"
     target.mkdir()
@@ -104,6 +117,17 @@ def test_tar_anchored_exclude_file_round_trip_leaves_out_exactly_the_installed_f
     subprocess.run(["tar", "--exclude-caches-all", "--exclude-tag-all=.no-backup", "--anchored", "-X", rules,
                     "-cf", archive, root], check=True, capture_output=True)
     assert non_directories(extract(archive, tmp_path) + root) == expected
+
+
+def test_tar_exclude_file_leaves_out_the_prune_list_as_jwbackup_does(tmp_path):
+    root, cfg, expected = backed_up_system(tmp_path, default_prune=True)
+    rules, stderr = excludes(tmp_path, cfg, root, "tar")
+    archive = tmp_path / "backup.tar"
+    subprocess.run(["tar", "--exclude-caches-all", "--exclude-tag-all=.no-backup", "--anchored", "-X", rules,
+                    "-cf", archive, root], check=True, capture_output=True)
+    archived = non_directories(extract(archive, tmp_path) + root)
+    assert not archived & set(PRUNED)
+    assert archived == expected
 
 
 def test_tar_rules_match_only_the_named_path_not_the_same_path_deeper_down(tmp_path):
