@@ -29,10 +29,10 @@ from jwbackup.backup import destination_of
 from jwbackup.config import Config
 from jwbackup.errors import EX_OK, EX_WARNINGS, JwbackupError, TransferError, UsageError
 from jwbackup.execute import first_cause
-from jwbackup.generate import load_manifest
+from jwbackup.generate import load_manifest, pruned
 from jwbackup.generations import LATEST
 from jwbackup.repository import Repository
-from jwbackup.select import Selector, system_path
+from jwbackup.select import Selector
 from jwbackup.verify import Verifier
 
 logger = logging.getLogger(__name__)
@@ -256,13 +256,8 @@ def extra_paths(cfg: Config, root: str, to: bytes, repo: Repository, source: str
         return []
     manifest = load_manifest(cfg, root)
     where = os.fsdecode(to) or "/"
-    prune = [os.fsencode(p) for p in cfg.prune]
-    dest = destination_of(cfg)
-    if not dest.remote:
-        inside = system_path(os.fsencode(os.path.realpath(where)), os.fsencode(os.path.realpath(dest.directory)))
-        if inside is not None:
-            prune.append(inside)
-    selector = Selector(manifest, root=where, prune=prune, verifier=Verifier(), swap_files=swap.files(where))
+    selector = Selector(manifest, root=where, prune=pruned(cfg, where), verifier=Verifier(),
+                        swap_files=swap.files(where))
     wanted = set(selector.select(tops))
     prefix = os.fsencode(source)
     out = repo.transport.run(["find", *(prefix + p for p in tops), "-printf", r"%p\0"]).stdout
