@@ -544,4 +544,4 @@ def diff(cfg: Config, root: str, names: list[str], null: bool = False) -> int:
     out.flush()
     if skipped:
         logger.warning("%d paths hold a newline and were left out; use -0", skipped)
-    return EX_WARNINGS if unreadable else EX_OK
+    return EX_WARNINGS if unreadable or skipped else EX_OK  # the list lacks something

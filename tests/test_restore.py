@@ -150,6 +150,20 @@ def test_diff_between_generations_lists_added_removed_and_changed_only(jwbackup,
     assert b"- /home/alice/project/secret" in nul
 
 
+def test_diff_without_null_separation_exits_1_when_it_leaves_a_newline_name_out(jwbackup, system):
+    system.configure()
+    first = backup(jwbackup, system)
+    system.write(b"/home/alice/new\nline", b"new\n")
+    second = backup(jwbackup, system)
+    result = run(jwbackup, system, "diff", first, second)
+    assert result.returncode == 1
+    assert b"line" not in result.stdout
+    assert "1 paths hold a newline and were left out; use -0" in result.stderr.decode()
+    result = run(jwbackup, system, "diff", "-0", first, second)
+    assert result.returncode == 0
+    assert b"+ /home/alice/new\nline" in result.stdout.split(b"\0")
+
+
 def test_diff_against_the_system_now(jwbackup, system):
     system.configure()
     generation = backup(jwbackup, system)
