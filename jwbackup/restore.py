@@ -33,6 +33,7 @@ from jwbackup.generate import load_manifest, pruned
 from jwbackup.generations import LATEST
 from jwbackup.repository import Repository
 from jwbackup.select import Selector
+from jwbackup.transfer.linker import read_attrs
 from jwbackup.verify import Verifier
 
 logger = logging.getLogger(__name__)
@@ -432,6 +433,7 @@ class Record(NamedTuple):
     uid: int
     gid: int
     link: bytes
+    attrs: tuple | None = None  # extended attributes and ACLs as rsync -AX carries them; None: not read
 
 
 FIND_FORMAT = r"%i\0%y\0%s\0%T@\0%m\0%U\0%G\0%l\0%P\0"
@@ -465,7 +467,15 @@ def live_record(real: bytes) -> Record | None:
         return None
     kind = _KINDS.get(stat.S_IFMT(st.st_mode), "?")
     link = os.readlink(real) if kind == "l" else b""
-    return Record(None, kind, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, link)
+    return Record(None, kind, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, link,
+                  _attrs(real))
+
+
+def _attrs(real: bytes) -> tuple | None:
+    try:
+        return tuple(sorted(read_attrs(real).items()))
+    except OSError:
+        return None  # vanished, or unreadable: compared on the rest
 
 
 def changed(a: Record, b: Record) -> bool:
@@ -473,6 +483,8 @@ def changed(a: Record, b: Record) -> bool:
     if a.inode is not None and a.inode == b.inode and a.kind != "d":
         return False
     if a.kind != b.kind or (a.mode, a.uid, a.gid) != (b.mode, b.uid, b.gid):
+        return True
+    if a.attrs is not None and b.attrs is not None and a.attrs != b.attrs:
         return True
     if a.kind == "f":
         return (a.size, a.mtime_ns) != (b.size, b.mtime_ns)
@@ -494,7 +506,11 @@ def _generation_records(repo: Repository, name: str) -> dict[bytes, Record]:
     result = repo.transport.run(["find", repo.path(name), "-mindepth", "1", "-printf", FIND_FORMAT], check=False)
     if result.returncode != 0:
         logger.warning("listing generation %s: %s", name, first_cause(result.stderr) or f"find exited {result.returncode}")
-    return parse_find(result.stdout)
+    records = parse_find(result.stdout)
+    if repo.transport.where != "local":
+        return records  # find prints no xattrs: over ssh they are not compared
+    top = os.fsencode(repo.path(name))
+    return {path: r._replace(attrs=_attrs(top + path)) for path, r in records.items()}
 
 
 def _live_records(cfg: Config, root: str) -> tuple[dict[bytes, Record], int]:

@@ -164,6 +164,25 @@ def test_diff_without_null_separation_exits_1_when_it_leaves_a_newline_name_out(
     assert b"+ /home/alice/new\nline" in result.stdout.split(b"\0")
 
 
+def test_diff_sees_a_change_of_xattrs_or_acls_alone(jwbackup, system):
+    def changes(*args):
+        result = run(jwbackup, system, "diff", *args)
+        assert result.returncode == 0, result.stderr.decode()
+        return [line for line in result.stdout.splitlines() if b"/var/lib/jwbackup/" not in line]  # jwbackup's own
+
+    system.configure()
+    notes, profile = system.path(b"/home/alice/project/notes.txt"), system.path(b"/root/.profile")
+    os.setxattr(notes, "user.tag", b"draft")
+    first = backup(jwbackup, system)
+    assert changes(first) == []
+    os.setxattr(notes, "user.tag", b"final")
+    subprocess.run(["setfacl", "-m", "u:nobody:r", profile], check=True)
+    second = backup(jwbackup, system)
+    assert changes(first, second) == [b"M /home/alice/project/notes.txt", b"M /root/.profile"]
+    assert changes(first) == [b"M /home/alice/project/notes.txt", b"M /root/.profile"]
+    assert changes(second) == []
+
+
 def test_diff_against_the_system_now(jwbackup, system):
     system.configure()
     generation = backup(jwbackup, system)
