@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from typing import BinaryIO, Callable
 
@@ -29,17 +30,37 @@ BUFFER = 1 << 20
 RACY_NS = 2_000_000_000
 
 
+def make(directory: bytes) -> None:
+    """Create the cache ``directory`` (a real path), tagged, unless it is there.
+
+    It appears with its tag already inside (made aside, then renamed), so a
+    walk running meanwhile never meets it untagged and backs it up.
+    """
+    if os.path.isdir(directory):
+        if not os.path.exists(os.path.join(directory, TAG_NAME)):
+            with open(os.path.join(directory, TAG_NAME), "wb") as f:
+                f.write(TAG)
+        return
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    aside = tempfile.mkdtemp(prefix=b".cache.", dir=parent)  # mode 0700
+    try:
+        with open(os.path.join(aside, TAG_NAME), "wb") as f:
+            f.write(TAG)
+        os.rename(aside, directory)
+    except OSError:
+        shutil.rmtree(aside, ignore_errors=True)
+        if not os.path.isdir(directory):  # not another run's, made meanwhile
+            raise
+
+
 def save(path: bytes, write: Callable[[BinaryIO], None], what: str) -> bool:
     """Write the cache file ``path`` (a real path) through ``write``, via a temporary
     neighbour and a rename.  A failure is a warning naming ``what``; returns success."""
     directory = os.path.dirname(path)
     tmp = None
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        tag = os.path.join(directory, TAG_NAME)
-        if not os.path.exists(tag):
-            with open(tag, "wb") as f:
-                f.write(TAG)
+        make(directory)
         # A name of its own (mode 0600): two runs on one root never write into one file.
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + b".", suffix=b".new", dir=directory)
         with os.fdopen(fd, "wb", buffering=BUFFER) as f:

@@ -694,7 +694,7 @@ class _Slots:
         self._file = None
         if cache_path is not None and count:
             try:
-                os.makedirs(os.path.dirname(cache_path), mode=0o700, exist_ok=True)
+                cachedir.make(os.path.dirname(cache_path))
                 self._file = tempfile.TemporaryFile(dir=os.path.dirname(cache_path))
                 self._file.truncate(count * _RECORD.size)
             except OSError as exc:

@@ -318,6 +318,17 @@ def test_a_latest_that_cannot_be_replaced_is_a_warning_and_retention_still_runs(
     assert sorted(os.listdir(system.dest)) == [".stats", gen, "latest"]
 
 
+def test_the_first_generation_holds_no_cache_directory_and_diff_finds_nothing_changed(jwbackup, system):
+    system.configure()
+    backup(jwbackup, system)
+    (gen,) = system.generations()
+    assert os.path.isdir(system.path(b"/var/lib/jwbackup/cache"))
+    assert os.path.isfile(system.in_generation(gen, b"/var/lib/jwbackup/packages/manual"))
+    assert not os.path.lexists(system.in_generation(gen, b"/var/lib/jwbackup/cache"))
+    result = jwbackup("-c", system.config, "--root", system.root_dir, "diff", gen)
+    assert (result.returncode, result.stdout) == (0, b""), result.stderr.decode()
+
+
 def test_prune_dry_run_removes_nothing(jwbackup, system):
     system.configure(destination="  generations: 5\n")
     for _ in range(3):
