@@ -546,7 +546,7 @@ def test_a_full_disk_under_the_cache_costs_the_cache_not_the_verdicts(tmp_path, 
         assert "cannot keep new verification cache records (No space left on device)" in caplog.text
         assert first.modified == expected and first.stats.hashed == count
         assert not os.path.exists(root.path(verify.CACHE_FILE))
-        assert os.listdir(cache_dir) == []  # the unlinked slots file is gone with its descriptor
+        assert os.listdir(cache_dir) == [b"CACHEDIR.TAG"]  # the unlinked slots file is gone with its descriptor
     finally:
         subprocess.run(["umount", "-l", cache_dir], check=False)
     second = verify.check(manifest, root.root, workers=2)
