@@ -18,12 +18,14 @@ import re
 import socket
 import stat
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Mapping
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from jwbackup.errors import ConfigError
+from jwbackup.managers import ENTRY_POINT_GROUP
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +310,7 @@ class _Checker:
                     raise self.error(items[name][1], name, "must name at least one directory")
         prune = self.paths(items["prune"][1], "prune") if "prune" in items else DEFAULT_PRUNE
         destination = self.destination(*items["destination"]) if "destination" in items else None
-        manager = self.string(items["manager"][1], "manager", optional=True) if "manager" in items else None
+        manager = self.manager(items["manager"][1]) if "manager" in items else None
         lock_file = self.lock_file(items["lock_file"][1]) if "lock_file" in items else DEFAULT_LOCK_FILE
         hooks = self.hooks(items["hooks"][1]) if "hooks" in items else Hooks()
         verify = self.choice(items["verify"][1], "verify", VERIFY_MODES) if "verify" in items else "all"
@@ -416,6 +418,13 @@ class _Checker:
         if "\0" in node.value:
             raise self.error(node, keypath, "must not contain a NUL character")
         return node.value
+
+    def manager(self, node: Node) -> str | None:
+        """A package manager plugin's name, as registered; checked here so that
+        ``config check`` catches a typo that every run would fail on."""
+        if self.string(node, "manager", optional=True) is None:
+            return None
+        return self.choice(node, "manager", tuple(sorted(entry_points(group=ENTRY_POINT_GROUP).names)))
 
     def choice(self, node: Node, keypath: str, choices: tuple[str, ...]) -> str:
         if not (_is(node, "str") and node.value in choices):

@@ -353,6 +353,11 @@ def test_lock_file_in_a_shared_directory_or_a_directory_is_refused_at_its_line(w
     assert error_of(path) == f"{path}:2: lock_file: {problem}"
 
 
+def test_an_unknown_package_manager_is_refused_at_its_line(write):
+    path = write("root: /\nmanager: rpm\n")
+    assert error_of(path) == f"{path}:2: manager: must be one of dpkg, portage, not 'rpm'"
+
+
 def test_generations_must_be_positive(write):
     path = write("root: /\nprune: []\ndestination:\n  host: nas\n  directory: /b\n  port: 22\n  generations: 0\n")
     assert error_of(path) == f"{path}:7: destination.generations: must be a positive whole number, not 0"
