@@ -278,8 +278,7 @@ def _captured():
 
 
 def _warn(manifest: Manifest, message: str) -> None:
-    logger.warning("%s", message)
-    manifest.warnings.append(message)
+    manifest.warnings.append(message)  # logged by whoever loads it, kept or not: once
 
 
 def _counter(vardb, cpv) -> int:
