@@ -88,6 +88,14 @@ def make_selector(cfg: Config, root: str, manifest: Manifest, alongside: bool = 
     return Selector(manifest, root=root, prune=prune, verifier=verifier, swap_files=swap.files(root))
 
 
+def _excluded_directories(cfg: Config, root: str) -> list[bytes]:
+    """The pruned directories that can be excluded whole: not those holding a
+    root (``/var/cache`` under ``root: /var/cache/keep``), which a tool would
+    then not enter; their other content is backed up, in excess."""
+    roots = [os.fsencode(r) for r in cfg.roots]
+    return [p for p in pruned(cfg, root) if not any(r.startswith(p.rstrip(b"/") + b"/") for r in roots)]
+
+
 class Output:
     """Where ``files`` and ``excludes`` write: stdout, or ``path`` replaced
     atomically (:class:`~jwbackup.excludes.Replacement`).
@@ -187,7 +195,8 @@ def excludes(cfg: Config, root: str, fmt: str, output: str | None = None, null: 
         verifier = verify.check(manifest, root, cfg.verify)
         paths = chain(owned_unmodified(manifest, os.fsencode(root), verifier), swap_paths(root))
         # The directories first: the few lines a reader of the file looks for
-        directories = write_rules(pruned(cfg, root), fmt, out, root=os.fsencode(root), null=null, directories=True)
+        directories = write_rules(_excluded_directories(cfg, root), fmt, out, root=os.fsencode(root), null=null,
+                                  directories=True)
         written = write_rules(paths, fmt, out, root=os.fsencode(root), null=null)
         out.close()
     logger.info("%d %s exclude rules written%s", directories.rules + written.rules, fmt,

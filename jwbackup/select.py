@@ -183,7 +183,7 @@ class Selector:
         modified = frozenset() if running else self.verifier.modified
         seen: set[bytes] = set()
         for top in sorted({os.fsencode(r) for r in roots}):
-            if any(top == s or top.startswith(join(s, b"")) for s in seen):
+            if any(self._covered(top, s) for s in seen):
                 continue  # nested inside a root already walked
             seen.add(top)
             yield from self._walk(top, directories, modified)
@@ -193,6 +193,13 @@ class Selector:
         if running:
             self.verifier = running.result()
             yield from self._passed_over(self.verifier.modified, directories)
+
+    def _covered(self, top: bytes, root: bytes) -> bool:
+        """Does the walk of ``root`` meet the root ``top``?  Not when a pruned
+        directory lies between them (``/`` and ``/var/cache/keep``)."""
+        if top != root and not top.startswith(join(root, b"")):
+            return False
+        return not any(p.startswith(join(root, b"")) and top.startswith(join(p, b"")) for p in self.prune)
 
     # The walk keeps two stacks: the directories being listed, and the owned
     # directories entered but not yet yielded (``pending``).  Yielding anything

@@ -329,6 +329,24 @@ def test_the_first_generation_holds_no_cache_directory_and_diff_finds_nothing_ch
     assert (result.returncode, result.stdout) == (0, b""), result.stderr.decode()
 
 
+def test_a_root_below_a_pruned_directory_of_another_root_is_backed_up_and_not_excluded(jwbackup, system, tmp_path):
+    system.configure(roots=("/", "/var/cache/keep"))  # /var/cache is in the default prune list
+    system.write(b"/var/cache/keep/wanted", b"asked for\n")
+    system.write(b"/var/cache/other/junk", b"cache\n")
+    backup(jwbackup, system)
+    (gen,) = system.generations()
+    assert os.path.isfile(system.in_generation(gen, b"/var/cache/keep/wanted"))
+    assert not os.path.lexists(system.in_generation(gen, b"/var/cache/other"))
+    # tar with jwbackup's rules, given the same roots, holds it too
+    rules = tmp_path / "rules"
+    result = jwbackup("-c", system.config, "--root", system.root_dir, "excludes", "-f", "tar", "-o", rules)
+    assert result.returncode == 0, result.stderr.decode()
+    listing = subprocess.run(
+        ["tar", "--anchored", "-X", rules, "-cf", "-", system.path(b"/var/cache/keep"), system.path(b"/tmp")],
+        capture_output=True, check=True).stdout
+    assert b"keep/wanted" in listing and system.path(b"/tmp").lstrip(b"/") not in listing
+
+
 def test_prune_dry_run_removes_nothing(jwbackup, system):
     system.configure(destination="  generations: 5\n")
     for _ in range(3):
