@@ -253,17 +253,28 @@ def extra_paths(cfg: Config, root: str, to: bytes, repo: Repository, source: str
     removed).
     """
     tops = [p for p in paths if stat.S_ISDIR(_lstat_mode(to + p))]
-    if not tops:
+    # The walk stays within the configured roots: what lies outside them is
+    # in no generation, and was not created since.
+    roots = [os.fsencode(r) for r in cfg.roots]
+    starts = [p for p in tops if any(_under(p, r) for r in roots)]
+    starts += [r for r in roots if r not in starts and any(_under(r, p) for p in tops)
+               and stat.S_ISDIR(_lstat_mode(to + r))]
+    if not starts:
         return []
     manifest = load_manifest(cfg, root)
     where = os.fsdecode(to) or "/"
     selector = Selector(manifest, root=where, prune=pruned(cfg, where), verifier=Verifier(),
                         swap_files=swap.files(where))
-    wanted = set(selector.select(tops))
+    wanted = set(selector.select(starts))
     prefix = os.fsencode(source)
     out = repo.transport.run(["find", *(prefix + p for p in tops), "-printf", r"%p\0"]).stdout
     held = {p[len(prefix):] for p in out.split(b"\0") if p}
     return sorted(p for p in wanted - held if p not in manifest)
+
+
+def _under(path: bytes, top: bytes) -> bool:
+    """Is ``path`` the system path ``top`` or below it?"""
+    return path == top or path.startswith(top.rstrip(b"/") + b"/")
 
 
 def _lstat_mode(path: bytes) -> int:

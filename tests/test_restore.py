@@ -240,6 +240,20 @@ def test_delete_removes_only_what_a_backup_now_would_hold_and_the_generation_doe
     assert os.path.exists(system.in_generation(generation, b"/home/alice/project/notes.txt"))
 
 
+def test_delete_never_goes_outside_the_configured_roots(jwbackup, system):
+    system.configure(roots=("/home", "/etc"))
+    generation = backup(jwbackup, system)
+    outside = [system.path(p) for p in (b"/var/lib/dpkg/status", b"/var/lib/app/state.db", b"/usr/local/bin/script",
+                                        b"/usr/bin/tool", b"/bin")]
+    outside.append(system.write(b"/opt/app/new-since", b"not a root\n"))
+    created = system.write(b"/home/alice/new-since", b"delete me\n")
+    result = run(jwbackup, system, "restore", "--delete", "/")
+    assert result.returncode == 0, result.stderr.decode()
+    assert not os.path.lexists(created)
+    assert [p for p in outside if not os.path.lexists(p)] == []
+    assert system.generations() == [generation]
+
+
 def test_a_path_through_a_symlink_out_of_the_generation_is_refused_not_read_from_the_host(jwbackup, system, tmp_path):
     hostside = tmp_path / "hostside"
     hostside.mkdir()
