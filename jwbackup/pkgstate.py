@@ -134,16 +134,24 @@ def parse(files: dict[str, bytes]) -> State | None:
             if len(words) >= 2:
                 arch = words[2] if len(words) > 2 and words[2] != "-" else None
                 state.packages.append((words[0], words[1], arch))
-        for line in lines("statoverride"):
-            words = line.split(maxsplit=3)
+        # dpkg's own formats, read as dpkg reads them: a path is everything to
+        # the end of its line, any bytes ("#1000" is an id without a name).
+        for line in _raw_lines(files.get("statoverride", b"")):
+            words = line.split(" ", 3)
             if len(words) == 4:
                 state.overrides.append(tuple(words))
-        diversions = files.get("diversions", b"").decode("utf-8", "replace").split("\n")
+        diversions = _raw_lines(files.get("diversions", b""))
         state.diversions = [(diversions[i], diversions[i + 1]) for i in range(0, len(diversions) - 2, 3)]
         return state
     if "installed" in files:
         return State("portage", installed=lines("installed"), world=lines("world") + lines("world_sets"))
     return None
+
+
+def _raw_lines(data: bytes) -> list[str]:
+    """The lines of ``data``, bytes kept as they are (surrogateescape)."""
+    lines = data.decode("utf-8", "surrogateescape").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def read_directory(path: str) -> State | None:

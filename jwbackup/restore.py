@@ -428,7 +428,9 @@ def packages_from(directory: str, exact_versions: bool = False) -> int:
 
 
 def _print_plan(lines: list[str]) -> int:
-    sys.stdout.write("".join(line + "\n" for line in lines))
+    sys.stdout.flush()
+    sys.stdout.buffer.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"))
+    sys.stdout.buffer.flush()
     return EX_OK
 
 

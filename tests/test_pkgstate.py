@@ -120,17 +120,22 @@ def test_restore_packages_prints_install_commands_naming_every_manual_package(jw
 
 def test_plan_puts_back_local_diversions_and_overrides_with_commands_dpkg_takes(jwbackup, system, tmp_path):
     admin = system.path(b"/var/lib/dpkg")
-    with open(admin + b"/statoverride", "wb") as f:
-        f.write(b"root adm 4750 /usr/bin/curl\n")
+    with open(admin + b"/statoverride", "wb") as f:  # as dpkg-statoverride writes them
+        f.write(b"root adm 4750 /usr/bin/curl\n#12345 #54321 755 /usr/bin/tr ail \nroot root 700 /usr/bin/caf\xe9\n")
     with open(admin + b"/diversions", "wb") as f:  # a local one, and one a package made
         f.write(b"/usr/bin/zsh\n/usr/bin/zsh.real\n:\n/bin/sh\n/bin/sh.distrib\ndash\n")
     run(jwbackup, system)
-    plan = run(jwbackup, system, "restore", "--packages").stdout.decode().splitlines()
+    plan = run(jwbackup, system, "restore", "--packages").stdout.decode("utf-8", "surrogateescape").splitlines()
     divert = "dpkg-divert --local --rename --divert /usr/bin/zsh.real --add /usr/bin/zsh"
     override = "dpkg-statoverride --force-statoverride-add --update --add root adm 4750 /usr/bin/curl"
     commands = [line for line in plan if not line.startswith(("#", " "))]
-    assert [c.split()[0] for c in commands] == ["dpkg-divert", "apt-get", "apt-get", "apt-get", "dpkg-statoverride"]
-    assert commands[0] == divert and commands[-1] == override
+    assert [c.split()[0] for c in commands] == ["dpkg-divert", "apt-get", "apt-get", "apt-get"] + 3 * ["dpkg-statoverride"]
+    assert commands[0] == divert and commands[-3] == override
+    raw = run(jwbackup, system, "restore", "--packages").stdout.splitlines()
+    assert raw[-2:] == [
+        b"dpkg-statoverride --force-statoverride-add --update --add '#12345' '#54321' 755 '/usr/bin/tr ail '",
+        b"dpkg-statoverride --force-statoverride-add --update --add root root 700 '/usr/bin/caf\xe9'",
+    ]
 
     # The commands work: on the system as a reinstall leaves it (no diversion,
     # no override), dpkg's own tools take them (with --root for the fake root).
