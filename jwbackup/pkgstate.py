@@ -33,6 +33,7 @@ from jwbackup import managers
 from jwbackup.errors import JwbackupError
 from jwbackup.excludes import write_atomically
 from jwbackup.managers import Package
+from jwbackup.managers.dpkg import read_diversions
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +67,12 @@ def dpkg_files(root: str, packages: list[Package]) -> dict[str, bytes]:
         p.name if arches[p.name] == 1 or not p.architecture else f"{p.name}:{p.architecture}"
         for p in packages if p.manual
     )
-    diversions = _read(os.path.join(root, DPKG_ADMIN, "diversions")).split(b"\n")
-    local = [b"".join(line + b"\n" for line in diversions[i:i + 3])
-             for i in range(0, len(diversions) - 2, 3) if diversions[i + 2] == b":"]
+    diversions = read_diversions(os.fsencode(os.path.join(root, DPKG_ADMIN, "diversions")))
     return {
         "packages": "".join(lines).encode(),
         "manual": "".join(m + "\n" for m in manual).encode(),
         "statoverride": _read(os.path.join(root, DPKG_ADMIN, "statoverride")),
-        "diversions": b"".join(local),
+        "diversions": b"".join(frm + b"\n" + to + b"\n:\n" for frm, (to, by) in diversions.items() if by == ":"),
     }
 
 

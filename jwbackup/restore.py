@@ -32,7 +32,7 @@ from jwbackup.execute import first_cause
 from jwbackup.generate import load_manifest, pruned
 from jwbackup.generations import LATEST
 from jwbackup.repository import Repository
-from jwbackup.select import Selector
+from jwbackup.select import Selector, system_path
 from jwbackup.transfer.linker import read_attrs
 from jwbackup.verify import Verifier
 
@@ -256,8 +256,8 @@ def extra_paths(cfg: Config, root: str, to: bytes, repo: Repository, source: str
     # The walk stays within the configured roots: what lies outside them is
     # in no generation, and was not created since.
     roots = [os.fsencode(r) for r in cfg.roots]
-    starts = [p for p in tops if any(_under(p, r) for r in roots)]
-    starts += [r for r in roots if r not in starts and any(_under(r, p) for p in tops)
+    starts = [p for p in tops if any(system_path(r, p) is not None for r in roots)]  # p is r or below it
+    starts += [r for r in roots if r not in starts and any(system_path(p, r) is not None for p in tops)
                and stat.S_ISDIR(_lstat_mode(to + r))]
     if not starts:
         return []
@@ -270,11 +270,6 @@ def extra_paths(cfg: Config, root: str, to: bytes, repo: Repository, source: str
     out = repo.transport.run(["find", *(prefix + p for p in tops), "-printf", r"%p\0"]).stdout
     held = {p[len(prefix):] for p in out.split(b"\0") if p}
     return sorted(p for p in wanted - held if p not in manifest)
-
-
-def _under(path: bytes, top: bytes) -> bool:
-    """Is ``path`` the system path ``top`` or below it?"""
-    return path == top or path.startswith(top.rstrip(b"/") + b"/")
 
 
 def _lstat_mode(path: bytes) -> int:
