@@ -12,7 +12,9 @@ dpkg
     architectures;
     ``statoverride``: a copy of dpkg's owner and mode overrides, and
     ``diversions``: the local diversions (``dpkg-divert --local``), in dpkg's
-    own format: what reinstalling the packages does not bring back.
+    own format: what reinstalling the packages does not bring back;
+    ``removed-conffiles``: the conffiles of installed packages that were not
+    on the system, one per line: what reinstalling brings back unasked.
 portage
     ``installed``: ``category/package-version`` per line;
     ``world`` and ``world_sets``: copies of ``/var/lib/portage/world{,_sets}``.
@@ -33,12 +35,12 @@ from jwbackup import managers
 from jwbackup.errors import JwbackupError
 from jwbackup.excludes import write_atomically
 from jwbackup.managers import Package
-from jwbackup.managers.dpkg import read_diversions
+from jwbackup.managers.dpkg import read_diversions, removed_conffiles
 
 logger = logging.getLogger(__name__)
 
 STATE_DIR = "/var/lib/jwbackup/packages"  # a system path, under the root
-DPKG_FILES = ("packages", "manual", "statoverride", "diversions")
+DPKG_FILES = ("packages", "manual", "statoverride", "diversions", "removed-conffiles")
 DPKG_ADMIN = "var/lib/dpkg"  # under the root
 PORTAGE_FILES = ("installed", "world", "world_sets")
 FILES = DPKG_FILES + PORTAGE_FILES
@@ -57,6 +59,7 @@ class State:
     world: list[str] = field(default_factory=list)  # portage: world atoms, then world_sets sets
     overrides: list[tuple[str, str, str, str]] = field(default_factory=list)  # dpkg: (user, group, mode, path)
     diversions: list[tuple[str, str]] = field(default_factory=list)  # dpkg, local ones: (path, diverted to)
+    removed_conffiles: list[str] = field(default_factory=list)  # dpkg: conffiles not on the system
 
 
 def dpkg_files(root: str, packages: list[Package]) -> dict[str, bytes]:
@@ -73,6 +76,7 @@ def dpkg_files(root: str, packages: list[Package]) -> dict[str, bytes]:
         "manual": "".join(m + "\n" for m in manual).encode(),
         "statoverride": _read(os.path.join(root, DPKG_ADMIN, "statoverride")),
         "diversions": b"".join(frm + b"\n" + to + b"\n:\n" for frm, (to, by) in diversions.items() if by == ":"),
+        "removed-conffiles": b"".join(path + b"\n" for path in removed_conffiles(root)),
     }
 
 
@@ -141,6 +145,7 @@ def parse(files: dict[str, bytes]) -> State | None:
                 state.overrides.append(tuple(words))
         diversions = _raw_lines(files.get("diversions", b""))
         state.diversions = [(diversions[i], diversions[i + 1]) for i in range(0, len(diversions) - 2, 3)]
+        state.removed_conffiles = _raw_lines(files.get("removed-conffiles", b""))
         return state
     if "installed" in files:
         return State("portage", installed=lines("installed"), world=lines("world") + lines("world_sets"))

@@ -384,6 +384,9 @@ def package_plan(state: pkgstate.State, origin: str, exact_versions: bool = Fals
     if auto:
         lines.append("# Optional: the packages that were installed as dependencies, marked automatic again:")
         lines += _command(["apt-get", "install", "--mark-auto"], [spec(a) for a in auto])
+    if state.removed_conffiles:
+        lines.append("# Configuration files that had been deleted; installing the packages put them back:")
+        lines += _command(["rm", "-f", "--"], state.removed_conffiles)
     if state.overrides:
         lines.append("# The owner and mode overrides (dpkg-statoverride), put on the installed files; an")
         lines.append("# override naming a user or group of your own works once /etc is restored:")

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from backupenv import System
-from fakeroot import DebianRoot
+from fakeroot import DebianRoot, md5hex
 from gentooroot import GentooRoot
 from jwbackup import pkgstate
 from jwbackup.restore import package_plan
@@ -55,6 +55,38 @@ def test_dpkg_state_keeps_the_overrides_and_the_local_diversions(tmp_path):
     state = pkgstate.read_directory(os.fsdecode(root.root))
     assert state.overrides == [("root", "adm", "4750", "/usr/lib/svc/helper"), ("root", "root", "755", "/usr/lib/with space")]
     assert state.diversions == [("/usr/bin/tool", "/usr/bin/tool.distrib")]
+
+
+def test_dpkg_state_names_the_conffiles_that_were_deleted(tmp_path):
+    """A fresh install puts back a conffile the admin deleted (a cron job, a
+    site config): the state says which, by the name the file had on disk."""
+    root = DebianRoot(tmp_path / "system")
+    root.package("svc", files={b"/etc/svc.conf": b"c", b"/etc/cron.d/svc": b"job", b"/etc/svc/a b": b"s",
+                               b"/etc/svc/kept": b"k", b"/etc/svc/old": b"o", b"/etc/svc/moved": b"m",
+                               b"/etc/svc/hook": b"h"},
+                 conffiles={b"/etc/svc.conf": None, b"/etc/cron.d/svc": None, b"/etc/svc/a b": None,
+                            b"/etc/svc/kept": None, b"/etc/svc/old": md5hex(b"o") + " obsolete",
+                            b"/etc/svc/moved": None, b"/etc/svc/hook": "newconffile remove-on-upgrade"})
+    root.package("gone", status="deinstall ok config-files", files={b"/etc/gone.conf": b"g"},
+                 conffiles=[b"/etc/gone.conf"])
+    root.divert(b"/etc/svc/moved", b"/etc/svc/moved.local")
+    root.write()
+    for path in (b"/etc/cron.d/svc", b"/etc/svc/a b", b"/etc/svc/old", b"/etc/svc/hook", b"/etc/svc/moved.local",
+                 b"/etc/gone.conf"):
+        os.unlink(root.path(path))
+    os.unlink(root.path(b"/etc/svc/kept"))
+    os.symlink(b"/nowhere", root.path(b"/etc/svc/kept"))  # replaced by a dangling link: still there
+    pkgstate.write(os.fsdecode(root.root))
+    assert read(root.path(STATE + b"/removed-conffiles")).splitlines() == [
+        "/etc/cron.d/svc", "/etc/svc/a b", "/etc/svc/moved.local",
+    ]
+    state = pkgstate.read_directory(os.fsdecode(root.root))
+    assert state.removed_conffiles == ["/etc/cron.d/svc", "/etc/svc/a b", "/etc/svc/moved.local"]
+    plan = package_plan(state, "generation G")
+    assert plan[plan.index("apt-get update") + 2:] == [
+        "# Configuration files that had been deleted; installing the packages put them back:",
+        "rm -f -- /etc/cron.d/svc '/etc/svc/a b' /etc/svc/moved.local",
+    ]
 
 
 def test_portage_state_copies_world_files_and_lists_installed_versions(tmp_path):

@@ -16,6 +16,8 @@ import subprocess
 
 import pytest
 
+from jwbackup.managers.dpkg import removed_conffiles
+
 pytestmark = pytest.mark.skipif(not os.path.exists("/var/lib/dpkg/status"), reason="needs a dpkg system")
 
 INFO = "/var/lib/dpkg/info"
@@ -163,3 +165,29 @@ def test_diverted_files_are_classified_as_dpkg_would(jwbackup, tmp_path):
             assert dst not in selected, dst
             checked += 1
     assert checked
+
+
+def dpkg_missing_conffiles() -> set[bytes]:
+    """The conffiles ``dpkg --verify`` reports missing, asked of the packages that have conffiles."""
+    out = subprocess.run(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}${binary:Package}\n${Conffiles}\n"],
+                         check=True, capture_output=True).stdout
+    packages, package = [], None
+    for line in out.split(b"\n"):
+        if line.startswith(b" ") and package:
+            packages.append(package)
+            package = None
+        elif line[:3] == b"ii ":
+            package = line[3:].strip()
+    result = subprocess.run(["dpkg", "--verify", *packages], capture_output=True)
+    return {line.split(b" c ", 1)[1] for line in result.stdout.split(b"\n") if line.startswith(b"missing") and b" c /" in line}
+
+
+def test_removed_conffiles_are_the_ones_dpkg_reports_missing():
+    conffile = "/etc/host.conf"  # base-files, on every Debian system
+    assert os.path.exists(conffile), "test needs the conffile in place"
+    with restored(conffile):
+        os.unlink(conffile)
+        missing = dpkg_missing_conffiles()
+        assert conffile.encode() in missing
+        assert set(removed_conffiles("/")) == missing
+    assert conffile.encode() not in removed_conffiles("/")

@@ -76,6 +76,7 @@ class Conffile(NamedTuple):
     path: bytes
     digest: Digest | None  # None: dpkg has no md5 yet ("newconffile")
     obsolete: bool
+    remove_on_upgrade: bool = False  # the package no longer ships it; dpkg removes it on upgrade
 
 
 class StatusPackage(NamedTuple):
@@ -188,7 +189,29 @@ def parse_conffiles(value: str) -> Iterable[Conffile]:
         md5 = words.pop()
         path = b" ".join(words)
         digest = Digest("md5", md5.decode("ascii").lower()) if _MD5_HEX.fullmatch(md5) else None
-        yield Conffile(path, digest, b"obsolete" in flags)
+        yield Conffile(path, digest, b"obsolete" in flags, b"remove-on-upgrade" in flags)
+
+
+def removed_conffiles(root: str | bytes) -> list[bytes]:
+    """The conffiles of installed packages that are not on the system at ``root``.
+
+    dpkg takes a deleted conffile for an admin's choice and leaves it deleted on
+    upgrade, but a fresh install puts it back.  A conffile another package or
+    the admin diverted is looked for, and named, under its diverted name.
+    """
+    diversions = read_diversions(_admin(root, b"diversions"))
+    removed = set()
+    for package in read_status(_admin(root, b"status")):
+        if not package.installed:
+            continue
+        for conffile in package.conffiles:
+            if conffile.obsolete or conffile.remove_on_upgrade or not conffile.path.startswith(b"/"):
+                continue  # not one a fresh install brings
+            to, by = diversions.get(conffile.path, (conffile.path, package.name))
+            path = conffile.path if by == package.name else to
+            if not os.path.lexists(os.path.join(os.fsencode(root), path.lstrip(b"/"))):
+                removed.add(path)
+    return sorted(removed)
 
 
 # -- admin-directory files ---------------------------------------------------
