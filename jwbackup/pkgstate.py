@@ -89,6 +89,15 @@ def _read(path: str) -> bytes:
         return b""
 
 
+def _holds(path: str, data: bytes) -> bool:
+    """Is ``path`` a file that holds exactly ``data``?"""
+    try:
+        with open(path, "rb") as f:
+            return f.read() == data
+    except OSError:
+        return False
+
+
 def portage_files(root: str, packages: list[Package]) -> dict[str, bytes]:
     """The contents of ``installed``, ``world`` and ``world_sets`` for a Gentoo system."""
     files = {"installed": "".join(f"{p.name}-{p.version}\n" for p in packages).encode()}
@@ -100,7 +109,7 @@ def portage_files(root: str, packages: list[Package]) -> dict[str, bytes]:
 def write(root: str, manager_name: str | None = None) -> str:
     """Write the package state of the system at ``root``; returns the directory written.
 
-    Each file is replaced atomically.  Raises OSError when the directory
+    Each file that changed is replaced atomically.  Raises OSError when the directory
     cannot be written, and what the manager raises when its database cannot
     be read.
     """
@@ -113,7 +122,9 @@ def write(root: str, manager_name: str | None = None) -> str:
     directory = os.path.join(root, STATE_DIR.lstrip("/"))
     os.makedirs(directory, mode=0o755, exist_ok=True)
     for name, data in files.items():
-        write_atomically(os.path.join(directory, name), lambda f, data=data: f.write(data))
+        path = os.path.join(directory, name)
+        if not _holds(path, data):  # else left alone: a generation links it, diff passes it by
+            write_atomically(path, lambda f, data=data: f.write(data))
     for name in set(FILES) - set(files):  # left from another package manager
         try:
             os.unlink(os.path.join(directory, name))

@@ -139,6 +139,25 @@ def test_every_generation_holds_the_package_state_and_list_counts_the_packages(j
     assert rows == {second: "4", first: "?"}
 
 
+def test_a_package_state_that_did_not_change_is_shared_between_generations_and_diff_passes_it_by(jwbackup, system):
+    run(jwbackup, system)
+    first = system.generations()[-1]
+    run(jwbackup, system)
+    second = system.generations()[-1]
+    for name in pkgstate.DPKG_FILES:
+        path = STATE + b"/" + name.encode()
+        assert os.stat(system.in_generation(first, path)).st_ino == os.stat(system.in_generation(second, path)).st_ino
+    assert b"/var/lib/jwbackup" not in run(jwbackup, system, "diff", first, second).stdout
+
+    system.root.package("mc", version="3:4.8.29-2", files={b"/usr/bin/mc": b"mc"})
+    system.root.write()
+    run(jwbackup, system)
+    changed = run(jwbackup, system, "diff", second, system.generations()[-1]).stdout.splitlines()
+    assert [line for line in changed if b"/var/lib/jwbackup/" in line] == [
+        b"M /var/lib/jwbackup/packages/manual", b"M /var/lib/jwbackup/packages/packages",
+    ]
+
+
 def test_restore_packages_prints_install_commands_naming_every_manual_package(jwbackup, system):
     run(jwbackup, system)
     plan = run(jwbackup, system, "restore", "--packages").stdout.decode().splitlines()
