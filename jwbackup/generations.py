@@ -69,15 +69,17 @@ class Listing:
     complete: tuple[str, ...] = ()  # generation directories, newest first
     partial: tuple[str, ...] = ()  # ``<generation>.partial`` directories, newest first
     other: tuple[str, ...] = ()  # everything else (``latest``, symlinks, files), by name
+    latest: str | None = None  # the complete generation the ``latest`` symlink names, if it names one
 
 
-def scan(entries: Iterable[tuple[str | bytes, str]]) -> Listing:
+def scan(entries: Iterable[tuple[str | bytes, str]], latest: str | bytes | None = None) -> Listing:
     """Sort directory entries ``(name, type)`` into a :class:`Listing`.
 
     ``type`` is ``"d"`` (directory), ``"l"`` (symlink) or ``"f"`` (anything
     else).  Only real directories count as generations: a symlink named like
     one is never linked against nor removed.  Byte names are decoded with
     :func:`os.fsdecode`, so ``os.fsencode`` gives them back unchanged.
+    ``latest`` is the target of the ``latest`` symlink, if there is one.
     """
     complete: list[str] = []
     partial: list[str] = []
@@ -92,10 +94,12 @@ def scan(entries: Iterable[tuple[str | bytes, str]]) -> Listing:
             partial.append(name)
         else:
             other.append(name)
+    latest = os.fsdecode(latest) if latest is not None else None
     return Listing(
         complete=_newest_first(complete, parse),
         partial=_newest_first(partial, _partial_time),
         other=tuple(sorted(other)),
+        latest=latest if latest in complete else None,
     )
 
 
@@ -108,6 +112,15 @@ def _partial_time(name: str) -> datetime | None:
 def latest_complete(listing: Listing) -> str | None:
     """The newest complete generation, the one the next run links against."""
     return listing.complete[0] if listing.complete else None
+
+
+def last_run(listing: Listing) -> str | None:
+    """The generation the last run made, as ``latest`` names it; else the newest.
+
+    The two differ once the clock went back: a generation named later than
+    the runs after it stays the newest by name.
+    """
+    return listing.latest or latest_complete(listing)
 
 
 def resumable_partial(listing: Listing) -> str | None:

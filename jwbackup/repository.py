@@ -38,7 +38,7 @@ _MISSING, _UNWRITABLE, _CLOBBER, _COMMITTED_BUT = 90, 91, 92, 93
 _LIST = r"""
 [ -d "$1" ] || exit 90
 [ "$2" != write ] || { [ -w "$1" ] && [ -x "$1" ]; } || exit 91
-exec find "$1" -mindepth 1 -maxdepth 1 -printf '%y\0%f\0'
+exec find "$1" -mindepth 1 -maxdepth 1 -printf '%y\0%f\0%l\0'
 """
 
 # $1 directory, $2 partial, $3 name, $4 stats (one line of JSON).  Once the
@@ -136,9 +136,11 @@ class Repository:
         fields = out.split(b"\0")
         entries = [
             (name, kind.decode() if kind in (b"d", b"l") else "f")
-            for kind, name in zip(fields[0::2], fields[1::2])
+            for kind, name in zip(fields[0::3], fields[1::3])
         ]
-        return generations.scan(entries)
+        latest = next((target for kind, name, target in zip(fields[0::3], fields[1::3], fields[2::3])
+                       if kind == b"l" and name == generations.LATEST.encode()), None)
+        return generations.scan(entries, latest)
 
     def check(self) -> None:
         """Fail with a clear message unless the destination is a writable directory."""

@@ -30,7 +30,7 @@ from jwbackup.config import Config
 from jwbackup.errors import EX_OK, EX_WARNINGS, JwbackupError, TransferError, UsageError
 from jwbackup.execute import first_cause
 from jwbackup.generate import load_manifest, pruned
-from jwbackup.generations import LATEST
+from jwbackup.generations import LATEST, Listing, last_run
 from jwbackup.repository import Repository
 from jwbackup.select import Selector, system_path
 from jwbackup.transfer.linker import read_attrs
@@ -47,13 +47,14 @@ def _open(cfg: Config):
     return dest, t, Repository(t, dest.directory)
 
 
-def pick_generation(complete: Iterable[str], name: str | None) -> str:
-    """``name`` if it is a complete generation; the newest for None or ``latest``."""
-    complete = list(complete)
+def pick_generation(listing: Listing, name: str | None) -> str:
+    """``name`` if it is a complete generation; for None or ``latest``, the
+    one the last run made (:func:`~jwbackup.generations.last_run`)."""
+    complete = listing.complete
     if not complete:
         raise UsageError("the destination holds no complete generation yet")
     if name in (None, LATEST):
-        return complete[0]
+        return last_run(listing)
     if name not in complete:
         raise UsageError(f"unknown generation {name!r}; generations: {', '.join(complete)}")
     return name
@@ -124,7 +125,7 @@ def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generati
     dest, t, repo = _open(cfg)
     to = os.fsencode(os.path.abspath(target if target is not None else root)).rstrip(b"/")
     with t:
-        name = pick_generation(repo.listing(writable=False).complete, generation)
+        name = pick_generation(repo.listing(writable=False), generation)
         source = repo.path(name)
         requested, absent = locate(repo, source, requested)
         if absent:
@@ -398,7 +399,7 @@ def package_plan(state: pkgstate.State, origin: str, exact_versions: bool = Fals
 def restore_packages(cfg: Config, generation: str | None = None, exact_versions: bool = False) -> int:
     dest, t, repo = _open(cfg)
     with t:
-        name = pick_generation(repo.listing(writable=False).complete, generation)
+        name = pick_generation(repo.listing(writable=False), generation)
         state = read_state(repo, name)
     if state is None:
         raise JwbackupError(
@@ -553,8 +554,8 @@ def diff(cfg: Config, root: str, names: list[str], null: bool = False) -> int:
         raise UsageError("diff takes one generation (compared with the system now) or two")
     dest, t, repo = _open(cfg)
     with t:
-        complete = repo.listing(writable=False).complete
-        picked = [pick_generation(complete, n) for n in names]
+        listing = repo.listing(writable=False)
+        picked = [pick_generation(listing, n) for n in names]
         old = _generation_records(repo, picked[0])
         new = _generation_records(repo, picked[1]) if len(picked) == 2 else None
     unreadable = 0  # on the system now: what is below them shows as removed

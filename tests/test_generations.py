@@ -539,3 +539,12 @@ def test_keep_rules_accept_the_config_keep_type():
     plan = g.plan_retention(names, generations=0, keep=config.Keep(daily=2))
     assert plan.kept == [day("2014-03-02"), day("2014-03-01")]
     assert plan.remove == [day("2014-02-28")]
+
+
+def test_last_run_is_what_latest_names_when_it_names_a_complete_generation():
+    entries = [("2014-02-12-03:12:26", "d"), ("2099-01-01-00:00:00", "d"), ("latest", "l")]
+    assert g.last_run(g.scan(entries, latest=b"2014-02-12-03:12:26")) == "2014-02-12-03:12:26"
+    for target in (None, "2014-02-13-00:00:00", "/elsewhere/2014-02-12-03:12:26", "2014-02-12-03:12:26.partial"):
+        listing = g.scan(entries, latest=target)
+        assert listing.latest is None and g.last_run(listing) == "2099-01-01-00:00:00"
+    assert g.last_run(g.scan([])) is None

@@ -129,6 +129,32 @@ def test_unknown_generation_and_missing_path_are_refused_in_one_line(jwbackup, s
     assert f"not in generation {generation}: /home/bob" in result.stderr.decode()
 
 
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_after_the_clock_went_back_restore_and_diff_take_the_last_run_not_the_newest_name(
+        jwbackup, system, sshd, tmp_path, where):
+    system.configure(destination=ssh_destination(sshd) if where == "ssh" else "")
+    first = backup(jwbackup, system)
+    ahead = "2099-01-01-00:00:00"  # made while the clock was ahead
+    subprocess.run(["cp", "-a", system.dest / first, system.dest / ahead], check=True)
+    system.write(b"/home/alice/project/notes.txt", b"remember the eggs\n")
+    assert run(jwbackup, system).returncode == 0
+    last = os.readlink(system.dest / "latest")
+    assert last not in (first, ahead)
+    for args in ([], ["-g", "latest"]):
+        target = tmp_path / f"restored{len(args)}"
+        result = run(jwbackup, system, "restore", *args, "-t", target, "/home/alice/project/notes.txt")
+        assert result.returncode == 0, result.stderr.decode()
+        assert (target / "home/alice/project/notes.txt").read_bytes() == b"remember the eggs\n"
+    result = run(jwbackup, system, "diff", first, "latest")
+    assert result.stdout.splitlines() == [b"M /home/alice/project/notes.txt"]
+
+    os.unlink(system.dest / "latest")  # without it, the newest name is all there is to go by
+    target = tmp_path / "by-name"
+    result = run(jwbackup, system, "restore", "-t", target, "/home/alice/project/notes.txt")
+    assert result.returncode == 0, result.stderr.decode()
+    assert (target / "home/alice/project/notes.txt").read_bytes() == b"remember the milk\n"
+
+
 def test_diff_between_generations_lists_added_removed_and_changed_only(jwbackup, system):
     system.configure()
     first = backup(jwbackup, system)
