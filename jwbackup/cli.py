@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("paths", nargs="*", metavar="PATH", help="a file or directory to restore")
     restore.add_argument("-g", "--generation", metavar="NAME",
-                         help="the generation to restore from (default: the newest complete one; see 'jwbackup list')")
+                         help="the generation to restore from (default: the one 'latest' names, the last run's; see 'jwbackup list')")
     restore.add_argument("-t", "--target", metavar="DIR", help="restore under DIR instead of the original place")
     restore.add_argument("-n", "--dry-run", action="store_true", default=argparse.SUPPRESS,
                          help="show what would be copied (rsync's itemized list); change nothing")
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff = command("diff", "list paths added (+), removed (-) or changed (M) between two generations, "
                            "or from a generation to the system now")
     diff.add_argument("generations", nargs="+", metavar="GENERATION",
-                      help="the older generation, then the newer one; without it, the system now ('latest' names the newest)")
+                      help="the older generation, then the newer one; without it, the system now ('latest': the last run's)")
     diff.add_argument("-0", "--null", action="store_true", help="end each line with NUL, not newline")
 
     cfg = command("config", "configuration commands")
