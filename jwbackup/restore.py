@@ -306,7 +306,7 @@ def _delete(to: bytes, paths: list[bytes], dry_run: bool) -> list[str]:
             continue
         gone.add(path.rstrip(b"/"))
         if dry_run:
-            sys.stdout.buffer.write(b"*deleting   " + path.lstrip(b"/") + b"\n")
+            sys.stdout.buffer.write(b"*deleting   " + rsync.printed_name(path.lstrip(b"/")) + b"\n")
     if not dry_run and gone:
         logger.info("deleted %d paths that the generation does not hold", len(gone))
     return failed

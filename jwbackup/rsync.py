@@ -74,6 +74,16 @@ class Result:
         return self.returncode in (0, VANISHED, PARTIAL) and self.walk_error is None
 
 
+# What rsync writes as ``\#ooo`` in its lists: a control character but tab, a
+# byte above ASCII (LC_ALL=C), and a backslash that would read as such a code.
+_UNPRINTED = re.compile(rb"[\x00-\x08\x0a-\x1f\x80-\xff]|\\(?=#[0-9]{3})")
+
+
+def printed_name(name: bytes) -> bytes:
+    """``name`` as rsync prints it in ``--itemize-changes`` and ``--list-only`` lines."""
+    return _UNPRINTED.sub(lambda m: b"\\#%03o" % m.group()[0], name)
+
+
 def make_command(
     source: str,
     target: str,

@@ -266,6 +266,25 @@ def test_delete_removes_only_what_a_backup_now_would_hold_and_the_generation_doe
     assert os.path.exists(system.in_generation(generation, b"/home/alice/project/notes.txt"))
 
 
+def test_a_dry_run_of_delete_prints_odd_names_as_rsync_does(jwbackup, system, tmp_path):
+    system.configure()
+    backup(jwbackup, system)
+    names = [b"new\nline", b"caf\xe9", b"caf\xc3\xa9", b"tab\there", b"lit\\#123", b"\x01ctl", b"plain"]
+    for name in names:
+        system.write(b"/home/alice/created/" + name, b"delete me\n")
+    result = run(jwbackup, system, "restore", "-n", "--delete", "/home/alice")
+    assert result.returncode == 0, result.stderr.decode()
+    ours = sorted(line for line in result.stdout.split(b"\n") if line.startswith(b"*deleting"))
+
+    # rsync's own --delete, run over the same names, prints the same lines.
+    (tmp_path / "empty/home/alice").mkdir(parents=True)
+    shutil.copytree(os.fsdecode(system.path(b"/home/alice/created")), tmp_path / "copy/home/alice/created")
+    theirs = subprocess.run(["rsync", "-rni", "--delete", f"{tmp_path}/empty/", f"{tmp_path}/copy/"],
+                            env={**os.environ, "LC_ALL": "C"}, check=True, capture_output=True).stdout
+    assert ours == sorted(line for line in theirs.split(b"\n") if line.startswith(b"*deleting"))
+    assert len(ours) == len(names) + 1 and b"*deleting   home/alice/created/new\\#012line" in ours
+
+
 def test_delete_never_goes_outside_the_configured_roots(jwbackup, system):
     system.configure(roots=("/home", "/etc"))
     generation = backup(jwbackup, system)
