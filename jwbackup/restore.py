@@ -185,8 +185,10 @@ def locate(repo: Repository, source: str, paths: list[bytes]) -> tuple[list[Loca
     above it is looked up without following it (``find -P``), and where one
     is a symlink (``/bin -> usr/bin`` with usrmerge, a home linked to
     ``/srv``), it is resolved as if the generation were the root (absolute
-    targets start at the generation, ``..`` stops there), so that the path
-    the system would have reached is restored, or reported missing.  Read
+    targets start at the generation; ``..`` leads to the parent of where
+    the path has led so far, as the kernel takes it, and stops at the top),
+    so that the path the system would have reached is restored, or
+    reported missing.  Read
     through the kernel, an absolute symlink would have led to the live
     host's files.  One ``find`` for all the paths, one more per symlink met.
     """
@@ -194,11 +196,18 @@ def locate(repo: Repository, source: str, paths: list[bytes]) -> tuple[list[Loca
     found: list[Located] = []
     absent: list[str] = []
     while pending:
-        kinds = _lookup(repo, source, {a for current, _, _ in pending.values() for a in _lineage(current)})
+        kinds = _lookup(repo, source, {a for current, _, _ in pending.values()
+                                       for a in _lineage(_before_dotdot(current)[0])})
         for shown, (current, hops, through) in list(pending.items()):
             del pending[shown]
-            lineage = _lineage(current)
-            above = next((a for a in lineage[:-1] if kinds.get(a, ("",))[0] != "d"), None)
+            head, rest = _before_dotdot(current)
+            lineage = _lineage(head)
+            # Before a "..", the path up to it must be a directory too: its parent is where ".." leads.
+            checked = lineage if rest is not None and head != b"/" else lineage[:-1]
+            above = next((a for a in checked if kinds.get(a, ("",))[0] != "d"), None)
+            if above is None and rest is not None:
+                pending[shown] = (_clean(posixpath.dirname(head) + b"/" + rest), hops, through)
+                continue
             if above is None and current in kinds:
                 found.append(Located(shown, current))
                 continue
@@ -216,10 +225,23 @@ def locate(repo: Repository, source: str, paths: list[bytes]) -> tuple[list[Loca
 
 def _resolve(above: bytes, link: bytes, path: bytes) -> bytes:
     """``path`` with its ancestor ``above`` replaced by where the symlink
-    ``above -> link`` leads, within the generation: ``..`` is taken
-    lexically, never past its top, so the result stays inside."""
+    ``above -> link`` leads; a ``..`` in it is kept for :func:`locate`."""
     start = b"/" if link.startswith(b"/") else posixpath.dirname(above)
-    return posixpath.join(posixpath.normpath(posixpath.join(start, link)), path[len(above) + 1:])
+    return _clean(start + b"/" + link + b"/" + path[len(above) + 1:])
+
+
+def _clean(path: bytes) -> bytes:
+    """``path`` without empty and ``.`` components (``..`` kept), absolute."""
+    return b"/" + b"/".join(c for c in path.split(b"/") if c not in (b"", b"."))
+
+
+def _before_dotdot(path: bytes) -> tuple[bytes, bytes | None]:
+    """``path`` up to its first ``..`` component, and what follows that (None: there is no ``..``)."""
+    parts = path.split(b"/")
+    if b".." not in parts:
+        return path, None
+    i = parts.index(b"..")
+    return b"/".join(parts[:i]) or b"/", b"/".join(parts[i + 1:])
 
 
 def _lineage(path: bytes) -> list[bytes]:

@@ -332,6 +332,31 @@ def test_a_path_through_a_symlink_within_the_generation_is_restored_where_it_lea
     assert f"/bin/mine is /usr/bin/mine in generation {generation}" in (tmp_path / "jwbackup.log").read_text()
 
 
+def test_dotdot_in_a_symlink_leads_where_the_kernel_takes_it(jwbackup, system, tmp_path):
+    """``current/..`` is the parent of where ``current`` leads, not the directory holding ``current``."""
+    system.write(b"/srv/releases/shared/site.conf", b"the one the kernel reaches\n")
+    system.write(b"/srv/releases/r2/app", b"r2\n")
+    system.write(b"/srv/app/shared/site.conf", b"the one lexically there\n")
+    os.symlink(b"../releases/r2", system.path(b"/srv/app/current"))
+    os.symlink(b"../../srv/app/current/../shared", system.path(b"/home/alice/config"))
+    with open(system.path(b"/home/alice/config/site.conf"), "rb") as f:
+        assert f.read() == b"the one the kernel reaches\n"
+    system.configure(roots=("/home", "/srv"))
+    backup(jwbackup, system)
+    target = tmp_path / "restored"
+    result = run(jwbackup, system, "restore", "-t", target, "/home/alice/config/site.conf")
+    assert result.returncode == 0, result.stderr.decode()
+    assert (target / "srv/releases/shared/site.conf").read_bytes() == b"the one the kernel reaches\n"
+    assert not (target / "srv/app").exists()
+    # Through a file, ".." leads nowhere (ENOTDIR), though taken lexically it names the same file.
+    os.symlink(b"../../srv/releases/r2/app/../../shared", system.path(b"/home/alice/broken"))
+    assert not os.path.exists(system.path(b"/home/alice/broken/site.conf"))
+    backup(jwbackup, system)
+    result = run(jwbackup, system, "restore", "-t", target, "/home/alice/broken/site.conf")
+    assert result.returncode == 64
+    assert b"not in generation" in result.stderr and b"/home/alice/broken/site.conf (through" in result.stderr
+
+
 @pytest.fixture
 def read_only(tmp_path):
     """``read_only(directory)``: a read-only bind mount of ``directory``, unmounted after the test."""
