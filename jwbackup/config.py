@@ -109,7 +109,9 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     (default ``os.environ``).  Raises ConfigError naming file, line and key.
     """
     path = DEFAULT_PATH if path is None else path
-    data, mode = _read(path)
+    data, st = _read(path)
+    _check_owner(path, st)
+    mode = st.st_mode if stat.S_ISREG(st.st_mode) else None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -177,8 +179,8 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _NON_PRINTABLE = re.compile("[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
-def _read(path: str) -> tuple[bytes, int | None]:
-    """The file's bytes (at most MAX_SIZE) and its mode when it is a regular file."""
+def _read(path: str) -> tuple[bytes, os.stat_result]:
+    """The file's bytes (at most MAX_SIZE) and its status."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -189,7 +191,19 @@ def _read(path: str) -> tuple[bytes, int | None]:
         raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror}") from None
     if len(data) > MAX_SIZE:
         raise ConfigError(f"{path}: configuration file is larger than 1 MiB; refusing to read it")
-    return data, (st.st_mode if stat.S_ISREG(st.st_mode) else None)
+    return data, st
+
+
+def _check_owner(path: str, st: os.stat_result) -> None:
+    """Refuse a file that another user can change: its hooks run as the user
+    running jwbackup (root), and its destination receives the system's files."""
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"{path}: owned by uid {st.st_uid}, who could make jwbackup run any command; "
+                          f"run: chown root {path}")
+    if mode & 0o002 or (mode & 0o020 and st.st_gid != 0):
+        raise ConfigError(f"{path}: writable by other users (mode {mode:04o}), who could make jwbackup run "
+                          f"any command; run: chmod go-w {path}")
 
 
 def _compose(text: str, path: str) -> Node:
@@ -254,6 +268,8 @@ _KINDS = {
 }
 _VARIABLE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# YAML 1.1 also reads 010 as octal 8, 1:30 as 90 and 1_000 as 1000: not what anyone means by a count.
+_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 
 
 def _describe(node: Node) -> str:
@@ -343,6 +359,8 @@ class _Checker:
                 values[name] = self.path_value(items[name][1], f"destination.{name}", optional=True)
         if "password" in items:
             key_node, value_node = items["password"]
+            if not (_is(value_node, "str") or _is(value_node, "null")):  # its text is not shown: it is a secret
+                raise self.error(value_node, "destination.password", "must be a string; put it in quotes")
             values["password"] = self.string(value_node, "destination.password", optional=True)
             if values["password"] is not None and self.mode is not None and self.mode & 0o044:
                 raise self.error(
@@ -473,6 +491,9 @@ class _Checker:
             value = self.constructor.construct_object(node)
         except ValueError:
             raise self.error(node, keypath, f"must be {expected}, not a number that large") from None
+        if not _DECIMAL.fullmatch(node.value):
+            raise self.error(node, keypath, f"must be {expected} in plain decimal digits, not {_show(node.value)}, "
+                                            f"which YAML reads as {value}")
         if minimum is not None and value < minimum:
             raise self.error(node, keypath, f"must be {expected}, not {value}")
         return value

@@ -363,6 +363,40 @@ def test_generations_must_be_positive(write):
     assert error_of(path) == f"{path}:7: destination.generations: must be a positive whole number, not 0"
 
 
+@pytest.mark.parametrize("text, read_as", [("010", 8), ("0022", 18), ("1:30", 90), ("1_000", 1000), ("0x1e", 30)])
+def test_numbers_are_plain_decimal_never_octal_or_base_60(write, text, read_as):
+    """YAML 1.1 reads 010 as 8: with generations that would expire backups the admin meant to keep."""
+    path = write(f"destination:\n  directory: /b\n  generations: {text}\n")
+    assert error_of(path) == (f"{path}:3: destination.generations: must be a positive whole number in plain "
+                              f"decimal digits, not {text}, which YAML reads as {read_as}")
+    assert config.load(write("destination:\n  directory: /b\n  generations: 10\n  port: +22\n"),
+                       env={}).destination.generations == 10
+
+
+@pytest.mark.parametrize("value", ["20240611", "off", "2024-01-02", "[s3cret]"])
+def test_a_password_that_is_not_a_string_is_refused_without_showing_it(write, value):
+    path = write(f"destination:\n  directory: /b\n  host: nas\n  password: {value}\n")
+    message = error_of(path)
+    assert message == f"{path}:4: destination.password: must be a string; put it in quotes"
+    assert value.strip("[]") not in message.replace(path, "")
+
+
+def test_a_configuration_file_other_users_can_change_is_refused(write):
+    """Its hooks run as root: whoever can write it can run anything as root."""
+    path = write("root: /\nhooks: {before: 'id > /tmp/owned'}\n", mode=0o666)
+    assert error_of(path) == (f"{path}: writable by other users (mode 0666), who could make jwbackup run any "
+                              f"command; run: chmod go-w {path}")
+    os.chmod(path, 0o620)
+    os.chown(path, 0, 1234)
+    assert "writable by other users (mode 0620)" in error_of(path)
+    os.chown(path, 0, 0)  # group root: root's own
+    assert config.load(path, env={}).hooks.before == ("id > /tmp/owned",)
+    os.chmod(path, 0o644)
+    os.chown(path, 1234, 0)
+    assert error_of(path) == (f"{path}: owned by uid 1234, who could make jwbackup run any command; "
+                              f"run: chown root {path}")
+
+
 def test_keep_values_must_not_be_negative(write):
     path = write("destination:\n  directory: /b\n  keep:\n    daily: 7\n    weekly: -1\n")
     assert error_of(path) == f"{path}:5: destination.keep.weekly: must be a whole number, 0 or more, not -1"
