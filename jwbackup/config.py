@@ -63,7 +63,7 @@ class Keep:
 
 @dataclass(frozen=True)
 class Destination:
-    directory: str  # absolute, {VARIABLE}s already expanded
+    directory: str  # {VARIABLE}s already expanded; absolute, or with a host relative to the login directory
     host: str | None = None  # None -> local directory
     user: str | None = None
     port: int = 22
@@ -356,7 +356,9 @@ class _Checker:
                 values[name] = self.string(items[name][1], f"destination.{name}", optional=True)
         for name in ("key", "known_hosts"):
             if name in items:
-                values[name] = self.path_value(items[name][1], f"destination.{name}", optional=True)
+                value = self.string(items[name][1], f"destination.{name}", optional=True)
+                if value is not None:  # ~/.ssh/... as ssh takes it
+                    values[name] = self.absolute(items[name][1], f"destination.{name}", os.path.expanduser(value))
         if "password" in items:
             key_node, value_node = items["password"]
             if not (_is(value_node, "str") or _is(value_node, "null")):  # its text is not shown: it is a secret
@@ -390,7 +392,10 @@ class _Checker:
         directory_node = items["directory"][1]
         directory = self.expand(directory_node, "destination.directory",
                                 self.string(directory_node, "destination.directory"))
-        values["directory"] = self.absolute(directory_node, "destination.directory", directory)
+        if values.get("host") and not directory.startswith("/"):  # from the login directory, as ssh takes it
+            values["directory"] = os.path.normpath(directory)
+        else:
+            values["directory"] = self.absolute(directory_node, "destination.directory", directory)
         return Destination(**values)
 
     def keep(self, node: Node) -> Keep:

@@ -27,7 +27,7 @@ def init(cfg: Config) -> int:
     with t:
         created = repo.init()
         repo.check()
-    logger.info("%s destination directory %s", "created" if created else "found", dest.directory)
+    logger.info("%s destination directory %s", "created" if created else "found", repo.directory)
     return EX_OK
 
 
@@ -52,7 +52,7 @@ def list_generations(cfg: Config, as_json: bool = False) -> int:
         for name in listing.complete
     ]
     if as_json:
-        json.dump({"destination": dest.directory, "generations": rows, "partial": list(listing.partial)},
+        json.dump({"destination": repo.directory, "generations": rows, "partial": list(listing.partial)},
                   sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EX_OK

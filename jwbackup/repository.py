@@ -17,6 +17,7 @@ interruption at any point leaves a state the next run understands:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import posixpath
@@ -97,7 +98,18 @@ done
 class Repository:
     def __init__(self, transport, directory: str):
         self.transport = transport
-        self.directory = directory.rstrip("/") or "/"
+        self._configured = directory.rstrip("/") or "/"
+
+    @functools.cached_property
+    def directory(self) -> str:
+        """The destination directory, absolute.  Over ssh a relative one is
+        taken from the login directory, as ssh and rsync take it (and as
+        jw.backup 1.0 did); made absolute once, so that ``--link-dest``, which
+        rsync takes from the generation it writes, names the same place."""
+        if self._configured.startswith("/"):
+            return self._configured
+        home = self.transport.run(["pwd"]).stdout.decode("utf-8", "surrogateescape").rstrip("\n")
+        return posixpath.normpath(posixpath.join(home, self._configured))
 
     def path(self, name: str) -> str:
         return posixpath.join(self.directory, name)

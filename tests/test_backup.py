@@ -543,6 +543,27 @@ def test_ssh_destination_two_generations_share_unchanged_files(jwbackup, system,
     assert listed.returncode == 0 and first in listed.stdout.decode() and second in listed.stdout.decode()
 
 
+def test_ssh_destination_named_from_the_login_directory_as_jw_backup_1_0_configs_do(jwbackup, system, sshd):
+    home = os.path.expanduser(f"~{sshd.user}")  # the same machine: a relative path from home into the test's tree
+    system.configure(directory=os.path.relpath(system.dest, home), destination=ssh_destination(sshd))
+    assert not config_directory(system).startswith("/")
+    backup(jwbackup, system)
+    system.write(b"/home/alice/notes.txt", b"changed\n")
+    backup(jwbackup, system)
+    first, second = system.generations()
+    assert os.lstat(system.in_generation(first, b"/etc/hostname")).st_ino == os.lstat(
+        system.in_generation(second, b"/etc/hostname")).st_ino  # --link-dest found the first
+    with open(system.in_generation(second, b"/home/alice/notes.txt"), "rb") as f:
+        assert f.read() == b"changed\n"
+    listed = jwbackup("-c", system.config, "list", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout)["destination"] == str(system.dest)
+
+
+def config_directory(system) -> str:
+    return next(line.split(": ", 1)[1] for line in system.config.read_text().splitlines()
+                if line.startswith("  directory: "))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -342,6 +342,14 @@ def test_relative_destination_directory(write):
     )
 
 
+def test_with_a_host_a_relative_directory_and_a_key_under_home_are_taken_as_ssh_takes_them(write, monkeypatch):
+    """As jw.backup 1.0 configs wrote them: the directory from the login directory, ~ in the key."""
+    monkeypatch.setenv("HOME", "/home/admin")
+    path = write("destination:\n  host: nas\n  directory: backups/./{HOSTNAME}/\n  key: ~/.ssh/id_backup\n")
+    dest = config.load(path, env={"HOSTNAME": "alpha"}).destination
+    assert (dest.directory, dest.key) == ("backups/alpha", "/home/admin/.ssh/id_backup")
+
+
 @pytest.mark.parametrize("value, problem", [
     ("/tmp/jwbackup.lock", "/tmp is writable by other users: put the lock in a directory of its own, "
                            "such as /run/lock/jwbackup"),
