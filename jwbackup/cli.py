@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from jwbackup import backup, generate, maintenance
 
+    if args.command == "restore" and args.packages and args.state_from is not None:
+        return _packages_from(args)  # a rescue system may have no configuration at all
     cfg = config.load(args.config)
     if args.command in (None, "backup"):
         return backup.run(cfg, args.root, dry_run=args.dry_run).status
@@ -243,10 +245,6 @@ def run(args: argparse.Namespace) -> int:
         if args.packages:
             if args.paths:
                 raise errors.UsageError("restore --packages takes no paths")
-            if args.state_from is not None:
-                if args.generation is not None:
-                    raise errors.UsageError("restore --packages reads --from DIR or a generation (-g), not both")
-                return restore.packages_from(args.state_from, exact_versions=args.exact_versions)
             return restore.restore_packages(cfg, args.generation, exact_versions=args.exact_versions)
         return restore.restore_paths(cfg, args.root, args.paths, args.generation, target=args.target,
                                      dry_run=args.dry_run, delete=args.delete)
@@ -256,6 +254,20 @@ def run(args: argparse.Namespace) -> int:
         return restore.diff(cfg, args.root, args.generations, null=args.null)
     if args.command == "config":
         sys.stdout.write(config.dump(cfg))
+        if cfg.destination is None:  # valid for the generators, but every backup would fail
+            logger.warning("%s has no destination section: files and excludes can run, "
+                           "backup, list, prune, restore and diff cannot", cfg.path)
+            return errors.EX_WARNINGS
         return errors.EX_OK
     raise errors.UsageError(f"unknown command {args.command!r}")
+
+
+def _packages_from(args: argparse.Namespace) -> int:
+    from jwbackup import restore
+
+    if args.paths:
+        raise errors.UsageError("restore --packages takes no paths")
+    if args.generation is not None:
+        raise errors.UsageError("restore --packages reads --from DIR or a generation (-g), not both")
+    return restore.packages_from(args.state_from, exact_versions=args.exact_versions)
 

@@ -58,6 +58,31 @@ def test_options_after_the_command_work_too(tmp_path):
     assert "********" in result.stdout.decode()
 
 
+def test_config_check_warns_when_no_backup_could_run(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("root: [/etc]\n")
+    result = run("-l", "-", "-c", cfg, "config", "check")
+    assert result.returncode == 1
+    assert "root:\n  - /etc\n" in result.stdout.decode()
+    assert result.stderr.decode().splitlines() == [
+        f"jwbackup: {cfg} has no destination section: files and excludes can run, "
+        "backup, list, prune, restore and diff cannot"]
+    assert run("-l", "-", "-c", cfg, "backup").returncode == 78
+
+
+def test_restore_packages_from_a_directory_needs_no_configuration(tmp_path):
+    """On a rescue system there may be no /etc/jwbackup.yaml at all."""
+    state = tmp_path / "var/lib/jwbackup/packages"
+    state.mkdir(parents=True)
+    (state / "packages").write_text("curl 7.88.1-10 amd64\nlibcurl4 7.88.1-10 amd64\n")
+    (state / "manual").write_text("curl\n")
+    result = run("-l", "-", "-c", tmp_path / "missing.yaml", "restore", "--packages", "--from", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "apt-get install curl" in result.stdout.decode().splitlines()
+    both = run("-l", "-", "-c", tmp_path / "missing.yaml", "restore", "--packages", "--from", tmp_path, "-g", "x")
+    assert both.returncode == 64 and b"not both" in both.stderr
+
+
 def test_unwritable_log_file_falls_back_to_stderr(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("root: [/etc]\n")
