@@ -158,8 +158,11 @@ def parse(files: dict[str, bytes]) -> State | None:
         state.diversions = [(diversions[i], diversions[i + 1]) for i in range(0, len(diversions) - 2, 3)]
         state.removed_conffiles = _raw_lines(files.get("removed-conffiles", b""))
         return state
+    def atoms(name: str) -> list[str]:  # as portage reads world files: the first word, up to a comment
+        return [words[0] for line in lines(name) if (words := line.split("#", 1)[0].split())]
+
     if "installed" in files:
-        return State("portage", installed=lines("installed"), world=lines("world") + lines("world_sets"))
+        return State("portage", installed=lines("installed"), world=atoms("world") + atoms("world_sets"))
     return None
 
 

@@ -93,15 +93,15 @@ def test_portage_state_copies_world_files_and_lists_installed_versions(tmp_path)
     root = GentooRoot(tmp_path / "gentoo")
     root.package("app-editors/vim-9.0.1-r2", files={b"/usr/bin/vim": b"v"})
     root.package("dev-libs/libfoo-1.0", files={b"/usr/lib/libfoo.so": b"f"})
-    root.world(["app-editors/vim"])
-    root.world_sets(["@desktop"])
+    root.world(["app-editors/vim  # the editor", "# sys-apps/removed"])
+    root.world_sets(["@desktop\tmine"])
     root.set("desktop", ["dev-libs/libfoo"])
     root.write()
     pkgstate.write(str(root.path))
     state = root.path / "var/lib/jwbackup/packages"
     assert (state / "installed").read_text().splitlines() == ["app-editors/vim-9.0.1-r2", "dev-libs/libfoo-1.0"]
-    assert (state / "world").read_text() == "app-editors/vim\n"
-    assert (state / "world_sets").read_text() == "@desktop\n"
+    assert (state / "world").read_text() == "app-editors/vim  # the editor\n# sys-apps/removed\n"
+    assert (state / "world_sets").read_text() == "@desktop\tmine\n"
     plan = package_plan(pkgstate.parse({n: (state / n).read_bytes() for n in pkgstate.PORTAGE_FILES}), "generation G")
     assert plan[-1] == "emerge --ask --noreplace app-editors/vim @desktop"
 
