@@ -239,6 +239,8 @@ def _compose(text: str, path: str) -> Node:
             loader.dispose()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
+        if e.context_mark is not None and (mark.line >= text.count("\n") or "end of stream" in (e.problem or "")):
+            mark = e.context_mark  # a quote or bracket never closed: where it opens, not the file's end
         problem = e.problem or e.context or "cannot parse"
         if e.context and e.problem:
             problem += f" ({e.context})"

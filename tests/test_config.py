@@ -209,6 +209,13 @@ def test_yaml_syntax_error_names_yaml_line(write):
     assert message.startswith(f"{path}:4: YAML syntax error: ")
 
 
+@pytest.mark.parametrize("text", ['prune: ["/tmp\n', "prune: ['/tmp\n", "prune: [/tmp, /var\n", "destination: {directory: /b\n"])
+def test_a_quote_or_bracket_never_closed_is_named_where_it_opens(write, text):
+    path = write("root: /\n" + text + "\n" * 10 + "# the end\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}:2: YAML syntax error: "), message
+
+
 def test_top_level_must_be_a_mapping(write):
     path = write("- /\n- /home\n")
     assert error_of(path) == (
