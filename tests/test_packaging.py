@@ -320,13 +320,14 @@ def test_logrotate_leaves_a_log_for_root_and_adm_only(tmp_path):
     assert (st.st_size, st.st_mode & 0o777, st.st_uid, grp.getgrgid(st.st_gid).gr_name) == (0, 0o640, 0, "adm")
 
 
-def cron_daily(opts: str, systemd: bool = False) -> subprocess.CompletedProcess:
+def cron_daily(opts: str | None, systemd: bool = False) -> subprocess.CompletedProcess:
     """Run /etc/cron.daily/jwbackup as cron would, with or without systemd's marker directory.
 
     The script steps aside when /run/systemd/system exists; a private mount
     namespace shows it the /run it should see without changing the machine's.
+    ``opts``: JWBACKUP_OPTS in the environment (None: not set).
     """
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "JWBACKUP_OPTS": opts}
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"} | ({} if opts is None else {"JWBACKUP_OPTS": opts})
     has_systemd = os.path.isdir("/run/systemd/system")
     if systemd == has_systemd:
         return run("/etc/cron.daily/jwbackup", check=False, env=env)
@@ -371,6 +372,22 @@ def test_cron_daily_backs_up_and_links_unchanged_files(installed, small_config):
     assert copies[0].read_text() == "unchanged between runs\n"
     assert copies[0].stat().st_ino == copies[1].stat().st_ino
     assert "complete" in log.read_text()
+
+
+@pytest.mark.parametrize("quote", ["", '"', "'"])
+def test_cron_daily_reads_the_options_file_as_systemd_does(installed, small_config, quote):
+    """systemd takes JWBACKUP_OPTS=-c FILE unquoted; run as shell, that line would run FILE."""
+    config, source, dest, log = small_config
+    run("/usr/bin/jwbackup", "-l", log, "-c", config, "init")
+    defaults = Path("/etc/default/jwbackup")
+    saved = defaults.read_bytes()
+    try:
+        defaults.write_text(f"# as an admin edits it\nJWBACKUP_OPTS={quote}-c {config} -l {log}{quote}  \n")
+        result = cron_daily(None)
+    finally:
+        defaults.write_bytes(saved)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert len(generation_dirs(dest)) == 1
 
 
 def test_cron_daily_exits_with_the_program_status(installed, tmp_path):
