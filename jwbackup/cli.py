@@ -19,6 +19,7 @@ Exit codes (also in jwbackup(8)):
 from __future__ import annotations
 
 import argparse
+import grp
 import logging
 import logging.handlers
 import os
@@ -156,17 +157,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOG_GROUP = "adm"  # Debian's and Gentoo's group for reading system logs
+
+
 def _interactive() -> bool:
     return sys.stderr.isatty() or "JOURNAL_STREAM" in os.environ
 
 
 class _LogFile(logging.handlers.WatchedFileHandler):
-    """The log, reopened when logrotate moves it; created mode 0640 whatever
-    the umask (cron's is 022): it names the files of every user."""
+    """The log, reopened when logrotate moves it.  It names the files of every
+    user: created root:adm 0640 as logrotate creates it, whatever the umask
+    (cron's is 022, the service's 077); an existing log keeps its mode."""
 
     def _open(self):
-        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
-                    opener=lambda path, flags: os.open(path, flags, 0o640))
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors, opener=_open_log)
+
+
+def _open_log(path: str, flags: int) -> int:
+    try:
+        fd = os.open(path, flags | os.O_EXCL, 0o640)
+    except FileExistsError:
+        return os.open(path, flags)
+    os.fchmod(fd, 0o640)
+    try:
+        os.fchown(fd, -1, grp.getgrnam(LOG_GROUP).gr_gid)
+    except (KeyError, OSError):  # no such group, or not ours to give
+        pass
+    return fd
 
 
 def setup_logging(level: str, log_file: str) -> None:

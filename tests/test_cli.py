@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import subprocess
 import tempfile
+
+import pytest
 
 from conftest import JWBACKUP
 
@@ -93,18 +96,21 @@ def test_unwritable_log_file_falls_back_to_stderr(tmp_path):
     assert f"cannot write the log file {log}" in result.stderr.decode()
 
 
-def test_log_file_is_created_for_root_and_its_group_only_also_after_logrotate_moves_it(tmp_path):
+@pytest.mark.parametrize("umask", [0o022, 0o077])  # cron's, jwbackup.service's
+def test_log_file_is_created_for_root_and_adm_only_also_after_logrotate_moves_it(tmp_path, umask):
     log = tmp_path / "jwbackup.log"
     root = logging.getLogger()
     saved = (root.level, list(root.handlers))
-    umask = os.umask(0o022)  # cron's
+    umask = os.umask(umask)
     try:
         cli.setup_logging("INFO", str(log))
         logging.getLogger("jwbackup").info("first run")
-        assert os.stat(log).st_mode & 0o777 == 0o640
+        st = os.stat(log)
+        assert (st.st_mode & 0o777, grp.getgrgid(st.st_gid).gr_name) == (0o640, "adm")
         log.rename(tmp_path / "jwbackup.log.1")
         logging.getLogger("jwbackup").info("still running")
-        assert os.stat(log).st_mode & 0o777 == 0o640
+        st = os.stat(log)
+        assert (st.st_mode & 0o777, grp.getgrgid(st.st_gid).gr_name) == (0o640, "adm")
         assert "still running" in log.read_text() and "first run" not in log.read_text()
     finally:
         os.umask(umask)
