@@ -36,7 +36,8 @@ endef
 
 ## backup: build and install the jwbackup .deb, then run a real backup
 backup: deb
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ./$(DEB)
+	# --reinstall: a rebuilt .deb of the same version replaces the installed one.
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall --no-install-recommends ./$(DEB)
 	jwbackup -c $(BACKUP_CONFIG) init
 	jwbackup -c $(BACKUP_CONFIG)
 	jwbackup -c $(BACKUP_CONFIG) list

@@ -7,7 +7,7 @@ DISTUTILS_USE_PEP517=setuptools
 DISTUTILS_SINGLE_IMPL=1
 PYTHON_COMPAT=( python3_{10..13} )
 
-inherit distutils-r1 systemd
+inherit distutils-r1 optfeature systemd
 
 DESCRIPTION="Daily differential backup that leaves out what the package manager can reinstall"
 # The release tarball is made from the source tree with "make dist".
@@ -19,8 +19,9 @@ KEYWORDS="~amd64 ~arm64 ~x86"
 # The test suite installs packages and starts an sshd; it runs outside the build.
 RESTRICT="fetch test"
 
+# rsync runs with -aHAX: ACLs and extended attributes are kept.
 RDEPEND="
-	net-misc/rsync
+	net-misc/rsync[acl,xattr]
 	$(python_gen_cond_dep '
 		dev-python/pyyaml[${PYTHON_USEDEP}]
 		sys-apps/portage[${PYTHON_USEDEP}]
@@ -51,6 +52,8 @@ python_install_all() {
 }
 
 pkg_postinst() {
+	optfeature "destinations on another host (destination.host)" virtual/openssh
+	optfeature "ssh logins with a password (destination.password)" net-misc/sshpass
 	if [[ -z ${REPLACING_VERSIONS} ]]; then
 		elog "Edit /etc/jwbackup.yaml, then create the destination with"
 		elog "    jwbackup init"
