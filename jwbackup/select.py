@@ -171,8 +171,10 @@ class Selector:
         tools that back up everything below a directory they are given.
 
         Roots and directories that cannot be read are left out with a
-        warning and listed in ``stats.unreadable``; when no root can be read
-        at all, the walk raises JwbackupError at its end.
+        warning and listed in ``stats.unreadable``, and so is a root holding
+        ``.no-backup`` or a cache tag; when no root can be walked at all,
+        the walk raises JwbackupError at its end (nothing is committed, no
+        generation expires).
 
         With a verification still running (:class:`~jwbackup.verify.Running`),
         the walk passes over every installed file of the right kind, then
@@ -181,14 +183,12 @@ class Selector:
         """
         running = self.verifier if isinstance(self.verifier, Running) else None
         modified = frozenset() if running else self.verifier.modified
-        seen: set[bytes] = set()
         for top in sorted({os.fsencode(r) for r in roots}):
-            if any(self._covered(top, s) for s in seen):
-                continue  # nested inside a root already walked
-            seen.add(top)
+            if any(self._covered(top, walked) for walked in self._walked):
+                continue  # nested inside a root already walked (not one left out: this one is listed too)
             yield from self._walk(top, directories, modified)
         if not self._walked and self.stats.unreadable:
-            raise JwbackupError("nothing to back up: no root can be read ("
+            raise JwbackupError("nothing to back up: no root can be walked ("
                                 + "; ".join(f"{os.fsdecode(p)}: {why}" for p, why in self.stats.unreadable) + ")")
         if running:
             self.verifier = running.result()
@@ -228,6 +228,10 @@ class Selector:
             return
         listing = self._enter(top)
         if listing is None:
+            marker = next((why for path, why in stats.skipped if path == top), None)
+            if marker is not None:  # a listed root left out wholesale: as loud as one that cannot be read
+                logger.warning("root %s holds %s; skipped", os.fsdecode(top), marker)
+                stats.unreadable.append((top, f"holds {marker}"))
             return
         self._walked.append(top)
         pending: list[bytes] = []

@@ -20,6 +20,7 @@ INSTALLED = {
     b"/etc/tool.conf": b"setting = 1\n",
 }
 CONFFILES = [b"/etc/tool.conf"]
+CACHEDIR_TAG = b"Signature: 8a477f597d28d172789f06886806bc55\n"  # https://bford.info/cachedir/
 ADMIN_FILES = {
     b"/etc/hostname": b"box\n",
     b"/home/alice/notes.txt": b"remember the milk\n",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from backupenv import INSTALLED, System, tree_state
+from backupenv import CACHEDIR_TAG, INSTALLED, System, tree_state
 from conftest import JWBACKUP
 
 HOSTILE_NAMES = [b"with space", b"new\nline", b"-leading-dash", b"latin1-\xe9t\xe9", b"tab\there", b"back\\slash*?["]
@@ -460,12 +460,34 @@ def test_no_readable_root_fails_in_one_line_and_expires_nothing(jwbackup, system
     result = backup(jwbackup, system, ok=False)
     assert result.returncode == 2
     assert result.stderr.decode().splitlines()[-1] == (
-        "jwbackup: error: nothing to back up: no root can be read "
+        "jwbackup: error: nothing to back up: no root can be walked "
         "(/not-mounted: No such file or directory; /srv: No such file or directory)"
     )
     assert system.generations() == [first]
     assert tree_state(system.dest / first) == before
     assert os.readlink(system.dest / "latest") == first
+
+
+@pytest.mark.parametrize("marker, content", [(b"/.no-backup", b""), (b"/CACHEDIR.TAG", CACHEDIR_TAG)])
+def test_a_root_holding_a_skip_marker_is_a_warning_and_alone_commits_nothing(jwbackup, system, marker, content):
+    """A stray /.no-backup used to commit empty generations, exit 0, and expire the real ones."""
+    system.configure(destination="  generations: 2\n")
+    backup(jwbackup, system)
+    backup(jwbackup, system)
+    before = {g: tree_state(system.dest / g) for g in system.generations()}
+    system.write(marker, content)
+    result = backup(jwbackup, system, ok=False)
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1] == (
+        f"jwbackup: error: nothing to back up: no root can be walked (/: holds {marker.decode()[1:]})")
+    assert {g: tree_state(system.dest / g) for g in system.generations()} == before
+
+    system.configure(destination="  generations: 2\n", roots=("/", "/home"))  # another root is still walked
+    result = backup(jwbackup, system, ok=False)
+    assert result.returncode == 1
+    assert f"root / holds {marker.decode()[1:]}; skipped" in result.stderr.decode()
+    newest = system.generations()[-1]
+    assert newest not in before and os.path.isfile(system.in_generation(newest, b"/home/alice/notes.txt"))
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the verification runs alongside on two CPUs only")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from backupenv import System, tree_state
+from backupenv import CACHEDIR_TAG, System, tree_state
 
 
 def ssh_destination(sshd) -> str:
@@ -222,9 +222,6 @@ def test_diff_against_the_system_now(jwbackup, system):
     assert b"- /etc/hostname" in lines
     assert b"+ /srv/new" in lines
     assert not [line for line in lines if b"state.db" in line or b"/usr/bin/tool" in line]
-
-
-CACHEDIR_TAG = b"Signature: 8a477f597d28d172789f06886806bc55\n"
 
 
 def test_delete_removes_only_what_a_backup_now_would_hold_and_the_generation_does_not(jwbackup, system):
