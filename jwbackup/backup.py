@@ -92,7 +92,9 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
             status = EX_WARNINGS if result.returncode == rsync.PARTIAL or unreadable else EX_OK
             if dry_run:
                 sys.stdout.buffer.write(result.output)
-                plan = generations.plan_retention(listing.complete, dest.generations, dest.keep)
+                # as the real run plans it: with the generation it would have made
+                plan = generations.plan_retention((name,) + listing.complete, dest.generations, dest.keep,
+                                                  current=name)
                 for old in plan.remove:
                     logger.info("dry run: retention would remove %s", old)
                 return Outcome(None, status, plan.remove)

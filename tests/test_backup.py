@@ -361,6 +361,18 @@ def test_prune_dry_run_removes_nothing(jwbackup, system):
     assert system.generations() == before[-1:]
 
 
+def test_a_dry_run_names_the_generation_its_run_would_expire(jwbackup, system, tmp_path):
+    system.configure(destination="  generations: 2\n")
+    backup(jwbackup, system)
+    backup(jwbackup, system)
+    oldest, newest = system.generations()
+    backup(jwbackup, system, "--dry-run")
+    assert system.generations() == [oldest, newest]
+    assert f"dry run: retention would remove {oldest}" in (tmp_path / "jwbackup.log").read_text()
+    backup(jwbackup, system)
+    assert oldest not in system.generations() and newest in system.generations()
+
+
 def test_destination_inside_the_root_is_not_copied_into_itself(jwbackup, system):
     inner = system.path(b"/var/backups/jwbackup")
     os.makedirs(inner, mode=0o700)
