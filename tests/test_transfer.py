@@ -378,6 +378,46 @@ def test_linker_never_follows_a_directory_replaced_by_a_symlink(tmp_path):
     assert (outside / "file").read_bytes() == b"not to be copied\n"
 
 
+def test_a_directory_that_was_a_symlink_for_a_moment_is_a_vanished_warning_not_a_failure(tmp_path):
+    """Placed while it was a symlink, a directory again when its files come: the run goes on."""
+    src = tmp_path / "src"
+    write(src / "d/f", b"in d\n")
+    write(src / "e/g", b"in e\n")
+
+    def walk():
+        os.rename(src / "d", src / "d.moved")
+        os.symlink(tmp_path / "elsewhere", src / "d")
+        yield b"/d"
+        os.unlink(src / "d")
+        os.rename(src / "d.moved", src / "d")
+        yield from (b"/d/f", b"/e", b"/e/g")
+
+    result = build_linker_alone(src, tmp_path / "gen", [], walk())
+    assert (result.returncode, result.committable) == (24, True)
+    assert result.errors == ['file has vanished: "/d/f"']
+    assert (tmp_path / "gen/e/g").read_bytes() == b"in e\n"
+
+
+def test_a_hard_link_group_larger_than_an_inode_can_take_is_split_not_a_failure(tmp_path):
+    """Each generation adds its names to the inode linked from the one before;
+    when the filesystem's link limit is reached, the rest get an inode of their own."""
+    limit = os.pathconf(tmp_path, "PC_LINK_MAX")
+    if limit > 70_000:
+        pytest.skip(f"{limit} links per inode here: too many to reach in a test")
+    src = tmp_path / "src"
+    write(src / "hl/0", b"one inode, many names\n")
+    names = limit * 2 // 3  # two generations' worth is more than one inode takes
+    for i in range(1, names):
+        os.link(src / "hl/0", src / f"hl/{i}")
+    paths = selection(src)
+    assert build_linker_alone(src, tmp_path / "gen1", [], paths).returncode == 0
+    result = build_linker_alone(src, tmp_path / "gen2", [tmp_path / "gen1"], paths)
+    assert (result.returncode, result.errors) == (0, [])
+    inodes = {os.lstat(tmp_path / f"gen2/hl/{i}").st_ino for i in range(names)}
+    assert len(inodes) == 2 and len(os.listdir(tmp_path / "gen2/hl")) == names
+    assert (tmp_path / f"gen2/hl/{names - 1}").read_bytes() == b"one inode, many names\n"
+
+
 @pytest.mark.parametrize("helper", [False, True], ids=["alone", "helped"])
 def test_vanished_file_is_a_warning_like_rsync_exit_24(tmp_path, helper):
     src = tmp_path / "src"

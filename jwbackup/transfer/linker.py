@@ -451,21 +451,13 @@ class Linker:
     def _dest_parent(self, run: _Run, parts: tuple[bytes, ...]) -> int:
         """The destination directory for ``parts``; parents the selection did not
         list (rsync's implied directories) are created with the source's attributes."""
-        try:
-            return self._dst.open(parts[:-1])
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise DestinationWriteError(f"cannot open {_show(self.target + b'/' + b'/'.join(parts[:-1]))}: {exc.strerror}")
+        fd = self._open_dest(parts[:-1])
+        if fd is not None:
+            return fd
         for i in range(1, len(parts)):
             prefix = parts[:i]
-            try:
-                self._dst.open(prefix)
+            if self._open_dest(prefix) is not None:
                 continue
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise DestinationWriteError(f"cannot open {_show(self.target + b'/' + b'/'.join(prefix))}: {exc.strerror}")
             path = b"/" + b"/".join(prefix)
             try:
                 entry = self._look(prefix, path)
@@ -475,6 +467,19 @@ class Linker:
                 raise Vanished()
             self._mkdir(run, entry)
         return self._dst.open(parts[:-1])
+
+    def _open_dest(self, parts: tuple[bytes, ...]) -> int | None:
+        """The destination directory ``parts``; None when it is not there yet."""
+        try:
+            return self._dst.open(parts)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                # placed as a symlink or file, a directory in the source again
+                # now: it changed during the run, as a vanished file does
+                raise Vanished() from None
+            raise DestinationWriteError(f"cannot open {_show(self.target + b'/' + b'/'.join(parts))}: {exc.strerror}")
 
     def _mkdir(self, run: _Run, entry: _Entry) -> None:
         parent = self._dest_parent(run, entry.parts)
@@ -758,12 +763,15 @@ class Linker:
                 if entry is leader:
                     continue
                 try:
-                    self._link_member(run, leader, entry)
+                    if not self._link_member(run, leader, entry) and self._place(run, entry, use_link_dests=False):
+                        leader = entry  # the leader's inode has all the links it can take: a new one for the rest
                 except Vanished:
                     run.vanished = True
                     run.warn(f'file has vanished: "{_show(entry.path)}"')
 
-    def _link_member(self, run: _Run, leader: _Entry, entry: _Entry) -> None:
+    def _link_member(self, run: _Run, leader: _Entry, entry: _Entry) -> bool:
+        """Link ``entry`` to ``leader`` in the generation; False when the
+        leader's inode cannot take another link (EMLINK)."""
         try:
             lparent = self._leaders.open(leader.parts[:-1])
         except OSError as exc:
@@ -773,11 +781,14 @@ class Linker:
             os.link(leader.parts[-1], entry.parts[-1], src_dir_fd=lparent, dst_dir_fd=dparent,
                     follow_symlinks=False)
         except OSError as exc:
+            if exc.errno == errno.EMLINK:
+                return False
             raise self._dest_error(entry.parts, exc)
         run.stats.files += 1
         if stat.S_ISREG(entry.st.st_mode):
             run.stats.regular_files += 1
             run.stats.total_size += entry.st.st_size
+        return True
 
     def _finish_dirs(self, run: _Run) -> None:
         """Directory attributes last, each after those below it, as rsync does:
