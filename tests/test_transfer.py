@@ -398,6 +398,24 @@ def test_a_directory_that_was_a_symlink_for_a_moment_is_a_vanished_warning_not_a
     assert (tmp_path / "gen/e/g").read_bytes() == b"in e\n"
 
 
+def test_a_default_acl_on_the_destination_reaches_no_generation_and_unchanged_files_still_link(tmp_path):
+    """Files made under it would inherit entries the source's lack, and never match it again."""
+    src = tmp_path / "src"
+    write(src / "dir/file", b"data\n", mode=0o640)
+    write(src / "top", b"top\n")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    setfacl("-d", "-m", "u:1234:rwx", dest)
+    paths = selection(src)
+    for gen, link_dests in (("gen1", []), ("gen2", [dest / "gen1"])):
+        assert build_linker_alone(src, dest / gen, link_dests, paths).returncode == 0
+        for path in ("", "dir", "dir/file", "top"):
+            assert read_attrs(str(dest / gen / path)) == read_attrs(str(src / path)) == {}, (gen, path)
+        assert stat.S_IMODE(os.lstat(dest / gen / "dir/file").st_mode) == 0o640
+    for path in ("dir/file", "top"):
+        assert os.lstat(dest / "gen1" / path).st_ino == os.lstat(dest / "gen2" / path).st_ino
+
+
 def test_a_hard_link_group_larger_than_an_inode_can_take_is_split_not_a_failure(tmp_path):
     """Each generation adds its names to the inode linked from the one before;
     when the filesystem's link limit is reached, the rest get an inode of their own."""

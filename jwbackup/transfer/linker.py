@@ -293,6 +293,7 @@ class Linker:
                 pass
             dst_top = os.open(self.target, _DIR_FLAGS)
             fds.append(dst_top)
+            _drop_inherited_acls(dst_top)
             prev_tops = []
             for d in self.link_dests:
                 try:
@@ -1026,6 +1027,18 @@ def _received(fd: int) -> Iterator[bytes]:
     while chunk := os.read(fd, 1 << 16):
         *paths, rest = (rest + chunk).split(b"\0")
         yield from paths
+
+
+def _drop_inherited_acls(fd: int) -> None:
+    """Take off the ACLs the generation's top directory inherited from a
+    default ACL on the destination: every entry made below it would inherit
+    them too, unlike the source's, and so never match it again.  The top
+    gets the source's own attributes at the end, as every directory does."""
+    for name in (ACL_DEFAULT, ACL_ACCESS):
+        try:
+            os.removexattr(fd, name)
+        except OSError:
+            pass  # none there, or no ACLs on this filesystem
 
 
 def build(source: str | bytes, paths: Iterable[bytes], target: str | bytes,
