@@ -12,7 +12,9 @@ started (and from which source), a run does this instead:
    check) and its ctime is older than the start of that generation's run by
    :data:`MARGIN_NS`: the inode, its xattrs and ACLs included, has not
    changed since that run read it.  Every other path is *sent*; so is every
-   directory (rsync sets its attributes, which is cheap);
+   directory (rsync sets its attributes, which is cheap), and every name of
+   a hard-link group one name of which is sent (rsync -H links only the
+   names it is given together);
 3. hard-links a copy of that generation as the new ``.partial`` and removes
    from it every entry that is not kept or a directory still selected
    (``cp -al``, ``rm -rf``; one round trip, the names on stdin);
@@ -92,6 +94,10 @@ def plan(root: bytes, paths: Iterable[bytes], previous: dict[bytes, tuple], star
     kinds = _KINDS
     keep: set[bytes] = set()
     dirs: set[bytes] = set()
+    # rsync -H links only the names of an inode it is given together: one
+    # sent name of a hard-link group sends the kept ones too.
+    sent_inodes: set[tuple[int, int]] = set()
+    kept_linked: dict[tuple[int, int], list[tuple[bytes, os.stat_result]]] = {}
     for path in paths:
         relative = path.lstrip(b"/")
         try:
@@ -113,10 +119,29 @@ def plan(root: bytes, paths: Iterable[bytes], previous: dict[bytes, tuple], star
             if kind == b"f":
                 result.kept_files += 1
                 result.kept_size += st.st_size
+            if st.st_nlink > 1:
+                kept_linked.setdefault((st.st_dev, st.st_ino), []).append((path, st))
         else:
             result.send.append(path)
+            if st.st_nlink > 1:
+                sent_inodes.add((st.st_dev, st.st_ino))
+    unkept = [member for inode in sent_inodes & kept_linked.keys() for member in kept_linked[inode]]
+    if unkept:
+        _send_instead(result, keep, unkept)
     result.remove = _removals(previous, keep, dirs)
     return result
+
+
+def _send_instead(result: Plan, keep: set[bytes], paths: list[tuple[bytes, os.stat_result]]) -> None:
+    """Move kept ``paths`` to the sent ones (rsync sorts its file list: the order is free)."""
+    moved = {path for path, _ in paths}
+    result.kept = [path for path in result.kept if path not in moved]
+    for path, st in paths:
+        keep.discard(path.lstrip(b"/"))
+        result.send.append(path)
+        if stat.S_ISREG(st.st_mode):
+            result.kept_files -= 1
+            result.kept_size -= st.st_size
 
 
 def _removals(previous: dict[bytes, tuple], keep: set[bytes], dirs: set[bytes]) -> list[bytes]:
