@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -86,8 +87,11 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
                 raise JwbackupError(f"walking the roots failed: {result.walk_error}") from result.walk_error
             if not result.committable:
                 raise _transfer_error(t, result, partial, builder)
+            # A file gone since the walk is a live system's normal: for the log, not for cron's mail.
+            only_vanished = all(_VANISHED.search(line) or _MORE.match(line) for line in result.errors)
             for line in result.errors:
-                logger.warning("%s: %s", builder, line)
+                quiet = only_vanished or _VANISHED.search(line)
+                logger.log(logging.INFO if quiet else logging.WARNING, "%s: %s", builder, line)
             unreadable = len(selector.stats.unreadable)
             status = EX_WARNINGS if result.returncode == rsync.PARTIAL or unreadable else EX_OK
             if dry_run:
@@ -152,13 +156,22 @@ def _build(cfg: Config, t, repo: Repository, root: str, selector, latest: str | 
         )
 
         def send(listed):
-            return rsync.transfer(argv, listed, env=t.env(), progress=progress, pass_fds=fds,
-                                  secrets=[dest.password] if dest.password else [], dry_run=dry_run)
+            result = rsync.transfer(argv, listed, env=t.env(), progress=progress, pass_fds=fds,
+                                    secrets=[dest.password] if dest.password else [], dry_run=dry_run)
+            if source_path != root:  # the system's paths, as the linker names them, not the read-only view's
+                view = source_path.rstrip("/") + "/"
+                result.errors = [line.replace(view, "/") for line in result.errors]
+            return result
 
         if builder in (transfer.REMOTE, transfer.PREVIEW):
             return builder, remote.build(repo, os.fsencode(root), paths, latest, partial, previous["started_ns"], send,
                                          dry_run=dry_run)
         return builder, send(paths)
+
+
+# rsync's and the linker's lines for a file gone between the walk and the copy (exit 24)
+_VANISHED = re.compile(r"file has vanished: |some files vanished before they could be transferred")
+_MORE = re.compile(r"\.\.\. and [0-9]+ more lines$")  # rsync.transfer's count of the lines it left out
 
 
 def _where(t, path: str) -> str:
