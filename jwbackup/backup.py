@@ -16,11 +16,11 @@ import re
 import socket
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 
-from jwbackup import confine, generations, hooks, rsync, transfer, transport
+from jwbackup import cachedir, confine, generations, hooks, rsync, transfer, transport
 from jwbackup.config import Config
 from jwbackup.errors import EX_OK, EX_WARNINGS, ConfigError, JwbackupError, TransferError
 from jwbackup.excludes import rsync_rule
@@ -60,7 +60,8 @@ def run(cfg: Config, root: str = "/", dry_run: bool = False, progress: bool | No
     started_ns = time.time_ns()  # before anything is read: see transfer.remote
     source = f"{socket.gethostname()}:{os.path.abspath(root)}"
     # hooks: before on entering, on_error on an exception, after once committed
-    with Lock(cfg.lock_file), hooks.Runner(cfg.hooks, hooks.describe(dest), enabled=not dry_run) as hook_run:
+    with Lock(cfg.lock_file), hooks.Runner(cfg.hooks, hooks.describe(dest), enabled=not dry_run) as hook_run, \
+            (cachedir.frozen() if dry_run else nullcontext()):
         manifest = load_manifest(cfg, root, write_state=not dry_run)
         selector = make_selector(cfg, root, manifest, alongside=True)
         with closing(selector), transport.connect(dest) as t:

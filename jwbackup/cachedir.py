@@ -12,7 +12,8 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import BinaryIO, Callable
+from contextlib import contextmanager
+from typing import BinaryIO, Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,26 @@ BUFFER = 1 << 20
 # A file changed this recently may change again within the same timestamp
 # tick, unseen: what was read from it is not kept.
 RACY_NS = 2_000_000_000
+
+
+_frozen = False
+
+
+@contextmanager
+def frozen() -> Iterator[None]:
+    """Within it, nothing is created or replaced in a cache directory: a dry
+    run changes nothing on the system.  The caches are still read."""
+    global _frozen
+    previous, _frozen = _frozen, True
+    try:
+        yield
+    finally:
+        _frozen = previous
+
+
+def writable() -> bool:
+    """May a cache be written now (see :func:`frozen`)?"""
+    return not _frozen
 
 
 def make(directory: bytes) -> None:
@@ -57,6 +78,8 @@ def make(directory: bytes) -> None:
 def save(path: bytes, write: Callable[[BinaryIO], None], what: str) -> bool:
     """Write the cache file ``path`` (a real path) through ``write``, via a temporary
     neighbour and a rename.  A failure is a warning naming ``what``; returns success."""
+    if _frozen:
+        return False
     directory = os.path.dirname(path)
     tmp = None
     try:

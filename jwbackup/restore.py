@@ -22,9 +22,10 @@ import posixpath
 import shlex
 import stat
 import sys
+from contextlib import nullcontext
 from typing import Iterable, NamedTuple
 
-from jwbackup import pkgstate, rsync, swap, transport
+from jwbackup import cachedir, pkgstate, rsync, swap, transport
 from jwbackup.backup import destination_of
 from jwbackup.config import Config
 from jwbackup.errors import EX_OK, EX_WARNINGS, JwbackupError, TransferError, UsageError
@@ -135,7 +136,10 @@ def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generati
             if path.shown != path.path:
                 logger.info("%s is %s in generation %s", os.fsdecode(path.shown), os.fsdecode(path.path), name)
         requested = list(dict.fromkeys(p.path for p in requested))
-        failed = _delete(to, extra_paths(cfg, root, to, repo, source, requested), dry_run) if delete else []
+        failed = []
+        if delete:
+            with cachedir.frozen() if dry_run else nullcontext():  # a dry run keeps no manifest either
+                failed = _delete(to, extra_paths(cfg, root, to, repo, source, requested), dry_run)
         # The ancestors are restored after the paths, so that their times stay as recorded.
         ancestors = missing_ancestors(to, requested)
         runs = [(requested, True)] + ([(ancestors, False)] if ancestors else [])

@@ -692,7 +692,7 @@ class _Slots:
         self.count = count
         self.cached = 0  # records written
         self._file = None
-        if cache_path is not None and count:
+        if cache_path is not None and count and cachedir.writable():
             try:
                 cachedir.make(os.path.dirname(cache_path))
                 self._file = tempfile.TemporaryFile(dir=os.path.dirname(cache_path))

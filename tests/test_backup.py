@@ -74,6 +74,18 @@ def test_relative_root_names_the_same_system_as_its_absolute_path(system, tmp_pa
     assert not os.path.lexists(system.in_generation(generation, b"/usr/bin/tool"))
 
 
+def test_a_dry_run_changes_nothing_on_the_system_caches_included(jwbackup, system, tmp_path):
+    system.dest = tmp_path / "elsewhere"  # outside the system, whose whole tree is compared
+    system.dest.mkdir()
+    system.configure()
+    for _ in range(2):  # before the first run (no cache yet), then with the caches there to read
+        before = tree_state(os.fsencode(system.root_dir))
+        backup(jwbackup, system, "--dry-run")
+        assert tree_state(os.fsencode(system.root_dir)) == before
+        backup(jwbackup, system)
+    assert os.path.isfile(system.path(b"/var/lib/jwbackup/cache/CACHEDIR.TAG"))
+
+
 @pytest.mark.parametrize("where, extra, builder", [
     ("local", "", "rsync on what changed (dry run, unchanged entries judged against"),
     ("local", "transfer: rsync\n", "rsync (transfer: rsync)"),
