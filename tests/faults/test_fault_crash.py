@@ -107,7 +107,12 @@ def test_jwbackup_stopped_by_a_signal_runs_the_on_error_hooks_and_stops_rsync(
     _many_files(system, 200)
     seam = Seam(tmp_path / "seam")
     seam.program("rsync", f'sleep 0.5; kill -{sig} $JWBACKUP_PID; exec "$REAL" "$@"')
-    result = backup(jwbackup, system, ok=False, env={**seam.env, "OUT": str(tmp_path / "env")})
+    # A job started in the background (nohup ... &) inherits SIGINT ignored, and so would jwbackup.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = backup(jwbackup, system, ok=False, env={**seam.env, "OUT": str(tmp_path / "env")})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert result.returncode == status
     assert one_error_line(result) == f"jwbackup: error: {message}"
     seen = (tmp_path / "env").read_text().splitlines()
