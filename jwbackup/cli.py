@@ -240,8 +240,11 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from jwbackup import backup, generate, maintenance
 
-    if args.command == "restore" and args.packages and args.state_from is not None:
-        return _packages_from(args)  # a rescue system may have no configuration at all
+    if args.command == "restore" and args.packages:
+        if args.paths:
+            raise errors.UsageError("restore --packages takes no paths")
+        if args.state_from is not None:
+            return _packages_from(args)  # a rescue system may have no configuration at all
     cfg = config.load(args.config)
     if args.command in (None, "backup"):
         return backup.run(cfg, args.root, dry_run=args.dry_run).status
@@ -260,8 +263,6 @@ def run(args: argparse.Namespace) -> int:
         from jwbackup import restore
 
         if args.packages:
-            if args.paths:
-                raise errors.UsageError("restore --packages takes no paths")
             return restore.restore_packages(cfg, args.generation, exact_versions=args.exact_versions)
         return restore.restore_paths(cfg, args.root, args.paths, args.generation, target=args.target,
                                      dry_run=args.dry_run, delete=args.delete)
@@ -282,8 +283,6 @@ def run(args: argparse.Namespace) -> int:
 def _packages_from(args: argparse.Namespace) -> int:
     from jwbackup import restore
 
-    if args.paths:
-        raise errors.UsageError("restore --packages takes no paths")
     if args.generation is not None:
         raise errors.UsageError("restore --packages reads --from DIR or a generation (-g), not both")
     return restore.packages_from(args.state_from, exact_versions=args.exact_versions)
