@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import re
+import resource
 import signal
 import subprocess
 import tempfile
@@ -396,6 +397,35 @@ def test_files_deleted_during_the_run_go_to_the_log_not_to_cron_mail(system, tmp
         pytest.skip("the run copied every file before it was deleted")
     assert (run.returncode, out, err) == (0, b"", b"")
     assert all('"/srv/tmpfiles/f' in line for line in vanished if "some files" not in line)  # not rsync's view
+
+
+def test_a_tree_hundreds_of_levels_deep_is_backed_up_under_the_usual_limit_on_open_files(system, tmp_path):
+    """systemd and cron start jobs with a soft limit of 1024 open files."""
+    system.configure()
+    os.makedirs(system.path(b"/srv/deep"))
+    fd = os.open(system.path(b"/srv/deep"), os.O_RDONLY)
+    for _ in range(520):  # 1 KiB of path: well within PATH_MAX
+        os.mkdir(b"a", dir_fd=fd)
+        fd, old = os.open(b"a", os.O_RDONLY, dir_fd=fd), fd
+        os.close(old)
+    with open(os.open(b"leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+        f.write(b"at the bottom\n")
+    os.close(fd)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard limit on open files is {hard} here")
+
+    def usual_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+    leaf = b"/srv/deep" + b"/a" * 520 + b"/leaf"
+    for _ in range(2):  # the second run links against the first: more directories open at once
+        run = subprocess.run([JWBACKUP, "-l", tmp_path / "run.log", "-c", system.config, "--root", system.root_dir],
+                             capture_output=True, preexec_fn=usual_limit)
+        assert (run.returncode, run.stderr) == (0, b"")
+        with open(system.in_generation(system.generations()[-1], leaf), "rb") as f:
+            assert f.read() == b"at the bottom\n"
+        time.sleep(1.1)  # a new generation name
 
 
 def test_a_dry_run_names_the_generation_its_run_would_expire(jwbackup, system, tmp_path):

@@ -43,6 +43,7 @@ import errno
 import logging
 import os
 import pickle
+import resource
 import stat
 import subprocess
 import sys
@@ -281,6 +282,7 @@ class Linker:
         self._helper: _Helper | None = None
 
     def build(self, paths: Iterable[bytes]) -> Result:
+        _enough_descriptors()
         run = _Run()
         fds: list[int] = []
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -1027,6 +1029,23 @@ def _received(fd: int) -> Iterator[bytes]:
     while chunk := os.read(fd, 1 << 16):
         *paths, rest = (rest + chunk).split(b"\0")
         yield from paths
+
+
+MAX_DESCRIPTORS = 65536  # a 4 KiB path has at most 2048 levels, times the source, generation and link-dests
+
+
+def _enough_descriptors() -> None:
+    """Raise the soft limit on open files (often 1024) towards the hard one:
+    the linker keeps a directory open per level of the path it works in, for
+    the source, the generation and each link-dest, so a tree a few hundred
+    levels deep would otherwise run out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(hard, MAX_DESCRIPTORS)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            logger.debug("cannot raise the limit on open files to %d: %s", want, exc)
 
 
 def _drop_inherited_acls(fd: int) -> None:
