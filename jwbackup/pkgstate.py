@@ -35,7 +35,7 @@ from jwbackup import managers
 from jwbackup.errors import JwbackupError
 from jwbackup.excludes import write_atomically
 from jwbackup.managers import Package
-from jwbackup.managers.dpkg import read_diversions, removed_conffiles
+from jwbackup.managers.dpkg import StatusPackage, installed_packages, read_diversions, read_status, removed_conffiles
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ class State:
     removed_conffiles: list[str] = field(default_factory=list)  # dpkg: conffiles not on the system
 
 
-def dpkg_files(root: str, packages: list[Package]) -> dict[str, bytes]:
-    """The contents of the package state files for a dpkg system."""
+def dpkg_files(root: str, packages: list[Package], status: list[StatusPackage]) -> dict[str, bytes]:
+    """The contents of the package state files for a dpkg system (``status``: its status file, read)."""
     arches = Counter(p.name for p in packages)
     lines = [f"{p.name} {p.version} {p.architecture or '-'}\n" for p in packages]
     manual = sorted(
@@ -76,7 +76,7 @@ def dpkg_files(root: str, packages: list[Package]) -> dict[str, bytes]:
         "manual": "".join(m + "\n" for m in manual).encode(),
         "statoverride": _read(os.path.join(root, DPKG_ADMIN, "statoverride")),
         "diversions": b"".join(frm + b"\n" + to + b"\n:\n" for frm, (to, by) in diversions.items() if by == ":"),
-        "removed-conffiles": b"".join(path + b"\n" for path in removed_conffiles(root)),
+        "removed-conffiles": b"".join(path + b"\n" for path in removed_conffiles(root, status)),
     }
 
 
@@ -114,11 +114,13 @@ def write(root: str, manager_name: str | None = None) -> str:
     be read.
     """
     manager = managers.detect(root, manager_name)
-    packages = manager.packages(root)
     if manager.name == "portage":
+        packages = manager.packages(root)
         files = portage_files(root, packages)
-    else:
-        files = dpkg_files(root, packages)
+    else:  # the status file read once, for the packages and the deleted conffiles
+        status = read_status(os.fsencode(os.path.join(root, DPKG_ADMIN, "status")))
+        packages = installed_packages(root, status)
+        files = dpkg_files(root, packages, status)
     directory = os.path.join(root, STATE_DIR.lstrip("/"))
     os.makedirs(directory, mode=0o755, exist_ok=True)
     for name, data in files.items():

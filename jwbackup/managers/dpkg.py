@@ -124,12 +124,13 @@ class Dpkg:
         return None if newest > time.time_ns() - RACY_NS else h.digest()
 
     def packages(self, root: str) -> list[Package]:
-        auto = read_auto_installed(os.path.join(os.fsencode(root), EXTENDED_STATES))
-        return [
-            Package(p.name, p.version, p.architecture, manual=not _is_auto(p, auto))
-            for p in read_status(_admin(root, b"status"))
-            if p.installed
-        ]
+        return installed_packages(root, read_status(_admin(root, b"status")))
+
+
+def installed_packages(root: str, status: list[StatusPackage]) -> list[Package]:
+    """The installed packages among ``status`` (:func:`read_status` of ``root``), each marked manual or not."""
+    auto = read_auto_installed(os.path.join(os.fsencode(root), EXTENDED_STATES))
+    return [Package(p.name, p.version, p.architecture, manual=not _is_auto(p, auto)) for p in status if p.installed]
 
 
 def _admin(root: str | bytes, *parts: bytes) -> bytes:
@@ -192,8 +193,9 @@ def parse_conffiles(value: str) -> Iterable[Conffile]:
         yield Conffile(path, digest, b"obsolete" in flags, b"remove-on-upgrade" in flags)
 
 
-def removed_conffiles(root: str | bytes) -> list[bytes]:
-    """The conffiles of installed packages that are not on the system at ``root``.
+def removed_conffiles(root: str | bytes, status: list[StatusPackage] | None = None) -> list[bytes]:
+    """The conffiles of installed packages that are not on the system at ``root``
+    (``status``: its :func:`read_status`, when already read).
 
     dpkg takes a deleted conffile for an admin's choice and leaves it deleted on
     upgrade, but a fresh install puts it back.  A conffile another package or
@@ -201,7 +203,7 @@ def removed_conffiles(root: str | bytes) -> list[bytes]:
     """
     diversions = read_diversions(_admin(root, b"diversions"))
     removed = set()
-    for package in read_status(_admin(root, b"status")):
+    for package in read_status(_admin(root, b"status")) if status is None else status:
         if not package.installed:
             continue
         for conffile in package.conffiles:
