@@ -83,9 +83,12 @@ def main(argv=None) -> int:
     meta = synth.build(os.path.join(args.work, "systems", str(args.scale)), args.scale)
     root = meta["root"]
     jw = c.Jwbackup(root, os.path.join(args.work, "runs", str(args.scale)))
-    gens = jw.generations()
+    gens = jw.generations() if os.path.isdir(jw.dest) else []
     if not gens:
-        raise SystemExit(f"no generation in {jw.dest}: run bench/run.py --scale {args.scale} first")
+        print(f"no generation in {jw.dest} yet: making the first one", flush=True)
+        jw.wipe()
+        jw.backup()
+        gens = jw.generations()
     latest = os.path.join(jw.dest, gens[-1])
     cfg = config.load(jw.config())
     steps = Steps()
