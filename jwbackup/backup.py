@@ -164,10 +164,14 @@ def _build(cfg: Config, t, repo: Repository, root: str, selector, latest: str | 
                 result.errors = [line.replace(view, "/") for line in result.errors]
             return result
 
+        tally = rsync.Tally(root, swap_files)  # rsync's own counts are too high
         if builder in (transfer.REMOTE, transfer.PREVIEW):
-            return builder, remote.build(repo, os.fsencode(root), paths, latest, partial, previous["started_ns"], send,
-                                         dry_run=dry_run)
-        return builder, send(paths)
+            result = remote.build(repo, os.fsencode(root), paths, latest, partial, previous["started_ns"], send,
+                                  tally, dry_run=dry_run)
+        else:
+            result = send(tally.listed(paths))
+        tally.into(result.stats)
+        return builder, result
 
 
 # rsync's and the linker's lines for a file gone between the walk and the copy (exit 24)

@@ -12,12 +12,13 @@ import logging
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from jwbackup import execute
 
@@ -55,6 +56,78 @@ class Stats:
     @property
     def linked(self) -> int:
         return self.regular_files - self.transferred
+
+
+class Tally:
+    """What a generation built from a list of paths holds, counted as the paths pass.
+
+    rsync's ``--stats`` counts an entry once for each way it reaches the file
+    list: a listed directory again as the implied parent of each path below
+    it, a name right in a listed ``/`` again as one that ``.`` brings along.
+    Its "Number of files" comes out about one per directory too high.  This
+    counts what the generation holds, as the linker does: its top, each listed
+    path that exists, the directories above them that are not listed, and
+    what a listed ``/`` brings along (``excludes`` apart).
+    """
+
+    def __init__(self, root: str | bytes, excludes: Iterable[bytes] = ()):
+        self.prefix = os.fsencode(root).rstrip(b"/")
+        self.excludes = set(excludes)
+        self.entries, self.regular_files, self.size = 1, 0, 0  # the generation's top
+        self._dirs: set[bytes] = {b"/"}  # the directories counted
+        self._top_names: set[bytes] = set()  # listed paths right in /
+        self._root_listed = False
+
+    def listed(self, paths: Iterable[bytes]) -> Iterator[bytes]:
+        """``paths``, each counted as it passes; one gone already is not (rsync leaves it out)."""
+        lstat = os.lstat
+        for path in paths:
+            try:
+                st = lstat(self.prefix + path)
+            except OSError:
+                pass
+            else:
+                self.add(path, st)
+            yield path
+
+    def add(self, path: bytes, st: os.stat_result) -> None:
+        """Count listed ``path``, whose lstat is ``st``."""
+        if path == b"/":
+            self._root_listed = True
+            return
+        dirs = self._dirs
+        if stat.S_ISDIR(st.st_mode):
+            if path in dirs:
+                return
+            dirs.add(path)
+        self._count(st)
+        parent = path[:path.rindex(b"/")] or b"/"
+        if parent == b"/":
+            self._top_names.add(path)
+        while parent not in dirs:  # rsync makes it, with its source's attributes
+            dirs.add(parent)
+            self.entries += 1
+            parent = parent[:parent.rindex(b"/")] or b"/"
+
+    def _count(self, st: os.stat_result) -> None:
+        self.entries += 1
+        if stat.S_ISREG(st.st_mode):
+            self.regular_files += 1
+            self.size += st.st_size
+
+    def into(self, stats: Stats) -> Stats:
+        """``stats`` with rsync's counts of the generation replaced by these."""
+        if self._root_listed:
+            with os.scandir(self.prefix or b"/") as entries:
+                for entry in entries:
+                    path = b"/" + entry.name
+                    if path not in self._top_names and path not in self._dirs and path not in self.excludes:
+                        try:
+                            self._count(entry.stat(follow_symlinks=False))
+                        except OSError:
+                            pass
+        stats.files, stats.regular_files, stats.total_size = self.entries, self.regular_files, self.size
+        return stats
 
 
 @dataclass

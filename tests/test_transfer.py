@@ -68,8 +68,12 @@ def settle(src: Path) -> None:
 
 
 def build_rsync(src: Path, target: Path, link_dests: list[Path], paths: list[bytes]) -> rsync.Result:
+    """rsync on the whole selection, counted as a run counts it."""
     argv = rsync.make_command(str(src), str(target), [str(d) for d in link_dests])
-    return rsync.transfer(argv, paths)
+    tally = rsync.Tally(src)
+    result = rsync.transfer(argv, tally.listed(paths))
+    tally.into(result.stats)
+    return result
 
 
 def build_linker(src: Path, target: Path, link_dests: list[Path], paths: list[bytes],
@@ -97,8 +101,11 @@ def build_remote(src: Path, target: Path, link_dests: list[Path], paths: list[by
         return build_rsync(src, target, link_dests, paths)
     repo = Repository(Local(), str(target.parent))
     argv = rsync.make_command(str(src), str(target), [str(d) for d in link_dests])
-    return remote.build(repo, os.fsencode(src), paths, link_dests[0].name, target.name, STARTED[link_dests[0]],
-                        lambda listed: rsync.transfer(argv, listed))
+    tally = rsync.Tally(src)
+    result = remote.build(repo, os.fsencode(src), paths, link_dests[0].name, target.name, STARTED[link_dests[0]],
+                          lambda listed: rsync.transfer(argv, listed), tally)
+    tally.into(result.stats)
+    return result
 
 
 # --- what a generation is -----------------------------------------------------------
@@ -329,6 +336,11 @@ def test_linker_and_remote_build_what_rsync_link_dest_builds_through_every_kind_
             assert result.returncode == 0, (way, step, result.errors)
             gens.append(target)
         assert results["helped"].stats == results["linker"].stats, step
+        for way, result in results.items():  # what `jwbackup list` shows: entries and bytes it holds
+            held = entries(chains[way][-1]).values()
+            assert (result.stats.files, result.stats.regular_files, result.stats.total_size) == (
+                len(held), sum(map(stat.S_ISREG, (st.st_mode for st in held))),
+                sum(st.st_size for st in held if stat.S_ISREG(st.st_mode))), (way, step)
         r = chains["rsync"]
         for way in ("linker", "helped", "remote"):
             assert describe(chains[way][-1]) == describe(r[-1]), f"{way}, step {step}"
@@ -803,7 +815,7 @@ def test_remote_builder_sends_everything_when_the_previous_generation_vanishes(w
     target = gens / "2026-01-02-00:00:00.partial"
     argv = rsync.make_command(str(src), str(target), [str(first)])
     result = remote.build(repo, os.fsencode(src), iter(paths), first.name, target.name, time.time_ns(),
-                          lambda listed: rsync.transfer(argv, listed))
+                          lambda listed: rsync.transfer(argv, listed), rsync.Tally(src))
     assert result.returncode == 0, result.errors
     assert "rsync gets every path" in caplog.text
     assert describe(target) == describe(expected)

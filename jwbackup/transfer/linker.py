@@ -321,6 +321,8 @@ class Linker:
                     helper.finish(run, groups, self._dirs)
                 self._hard_link_groups(run, groups)
                 self._finish_dirs(run)
+                if not self._dirs or self._dirs[-1].path != b"/":  # sorted: a listed / comes last
+                    run.stats.files += 1  # the generation's top all the same
             finally:
                 if helper is not None:
                     helper.stop()

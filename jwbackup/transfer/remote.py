@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from jwbackup.execute import CommandError
-from jwbackup.rsync import Result, Stats
+from jwbackup.rsync import Result, Stats, Tally
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,6 @@ class Plan:
     send: list[bytes] = field(default_factory=list)  # system paths for rsync, in walk order
     remove: list[bytes] = field(default_factory=list)  # paths relative to the generation
     kept: list[bytes] = field(default_factory=list)  # non-directories left as links to the previous generation
-    kept_files: int = 0  # regular ones among them
-    kept_size: int = 0  # their bytes
 
 
 def parse_listing(data: bytes) -> dict[bytes, tuple]:
@@ -81,9 +79,10 @@ def parse_listing(data: bytes) -> dict[bytes, tuple]:
     return records
 
 
-def plan(root: bytes, paths: Iterable[bytes], previous: dict[bytes, tuple], started_ns: int) -> Plan:
+def plan(root: bytes, paths: Iterable[bytes], previous: dict[bytes, tuple], started_ns: int,
+         tally: Tally | None = None) -> Plan:
     """Sort the selection into kept and sent paths against the ``previous`` generation's listing,
-    whose run started at ``started_ns`` (source clock)."""
+    whose run started at ``started_ns`` (source clock); ``tally`` counts the paths."""
     result = Plan()
     if started_ns > time.time_ns():
         logger.warning("the previous run started in the future (clock set back?): every path is sent")
@@ -105,6 +104,8 @@ def plan(root: bytes, paths: Iterable[bytes], previous: dict[bytes, tuple], star
         except OSError:
             result.send.append(path)  # vanished or unreadable: rsync reports it as it would
             continue
+        if tally is not None:
+            tally.add(path, st)
         kind = kinds.get(stat.S_IFMT(st.st_mode))
         if kind == b"d":
             result.send.append(path)
@@ -116,9 +117,6 @@ def plan(root: bytes, paths: Iterable[bytes], previous: dict[bytes, tuple], star
                             st.st_mtime_ns // 1_000_000_000)):
             keep.add(relative)
             result.kept.append(path)
-            if kind == b"f":
-                result.kept_files += 1
-                result.kept_size += st.st_size
             if st.st_nlink > 1:
                 kept_linked.setdefault((st.st_dev, st.st_ino), []).append((path, st))
         else:
@@ -136,12 +134,9 @@ def _send_instead(result: Plan, keep: set[bytes], paths: list[tuple[bytes, os.st
     """Move kept ``paths`` to the sent ones (rsync sorts its file list: the order is free)."""
     moved = {path for path, _ in paths}
     result.kept = [path for path in result.kept if path not in moved]
-    for path, st in paths:
+    for path, _ in paths:
         keep.discard(path.lstrip(b"/"))
         result.send.append(path)
-        if stat.S_ISREG(st.st_mode):
-            result.kept_files -= 1
-            result.kept_size -= st.st_size
 
 
 def _removals(previous: dict[bytes, tuple], keep: set[bytes], dirs: set[bytes]) -> list[bytes]:
@@ -162,8 +157,9 @@ def _removals(previous: dict[bytes, tuple], keep: set[bytes], dirs: set[bytes]) 
 
 
 def build(repo, root: bytes, paths: Iterable[bytes], previous: str, partial: str, started_ns: int,
-          send: Callable[[Iterable[bytes]], Result], dry_run: bool = False) -> Result:
-    """Build ``partial`` from generation ``previous`` of ``repo``; ``send`` runs rsync on a list of paths.
+          send: Callable[[Iterable[bytes]], Result], tally: Tally, dry_run: bool = False) -> Result:
+    """Build ``partial`` from generation ``previous`` of ``repo``; ``send`` runs rsync on a list of
+    paths, ``tally`` counts every path the generation gets.
 
     ``dry_run``: plan only; ``send`` (an rsync dry run) gets the paths to
     send, and nothing is copied or removed.
@@ -176,11 +172,11 @@ def build(repo, root: bytes, paths: Iterable[bytes], previous: str, partial: str
         listing = parse_listing(repo.tree(previous, LIST_FORMAT))
     except CommandError as exc:
         logger.warning("cannot list %s (%s); rsync gets every path", previous, exc)
-        return send(paths)
+        return send(tally.listed(paths))
     logger.debug("listed %s: %d entries in %.2f s", previous, len(listing), time.monotonic() - listed)
     sorted_at = time.monotonic()
     try:
-        work = plan(root, paths, listing, started_ns)
+        work = plan(root, paths, listing, started_ns, tally)
     except Exception as exc:  # the walk failed: the selection is incomplete
         return Result(0, Stats(), walk_error=exc)
     if dry_run:
@@ -197,9 +193,4 @@ def build(repo, root: bytes, paths: Iterable[bytes], previous: str, partial: str
             logger.warning("cannot copy %s (%s); rsync gets every path", previous, exc)
             repo.remove(partial)  # a half copy shares inodes with the previous generation: never write into it
             return send(sorted(work.send + work.kept))
-    result = send(work.send)
-    s = result.stats
-    s.files += len(work.kept)
-    s.regular_files += work.kept_files
-    s.total_size += work.kept_size
-    return result
+    return send(work.send)
