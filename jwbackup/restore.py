@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
 import shlex
 import stat
 import sys
@@ -93,7 +94,7 @@ def missing_ancestors(target: bytes, paths: Iterable[bytes]) -> list[bytes]:
 
 
 def restore_command(source: str, target: str, *, recursive: bool, transport_args=(), dry_run=False,
-                    checksum=False) -> list[str]:
+                    checksum=False, force=False) -> list[str]:
     """rsync reading the paths to restore (relative to ``source``) from stdin, NUL-separated.
 
     Existing parent directories at the target are left as they are
@@ -106,11 +107,16 @@ def restore_command(source: str, target: str, *, recursive: bool, transport_args
     tool that keeps times).  ``--checksum`` rather than ``--ignore-times``:
     the latter rewrites every file, unchanged ones too (new inodes, all the
     writes), where this reads both sides and writes only what differs.
+
+    ``force``: a non-empty directory in the way of a file is deleted (only
+    for previewing what ``--delete`` makes way for, see :func:`_made_way`).
     """
     argv = ["rsync", "-aHAX", "--sparse", "--numeric-ids", "--files-from=-", "--from0", "--no-implied-dirs"]
     argv.append("--recursive" if recursive else "--no-recursive")
     if checksum:
         argv.append("--checksum")
+    if force:
+        argv.append("--force")
     argv += list(transport_args)
     if dry_run:
         argv += ["--dry-run", "--itemize-changes"]
@@ -136,24 +142,30 @@ def restore_paths(cfg: Config, root: str, paths: Iterable[str | bytes], generati
             if path.shown != path.path:
                 logger.info("%s is %s in generation %s", os.fsdecode(path.shown), os.fsdecode(path.path), name)
         requested = list(dict.fromkeys(p.path for p in requested))
-        failed = []
+        failed, deleted = [], set()
         if delete:
             with cachedir.frozen() if dry_run else nullcontext():  # a dry run keeps no manifest either
-                failed = _delete(to, extra_paths(cfg, root, to, repo, source, requested), dry_run)
+                deleted, failed = _delete(to, extra_paths(cfg, root, to, repo, source, requested), dry_run)
         # The ancestors are restored after the paths, so that their times stay as recorded.
         ancestors = missing_ancestors(to, requested)
         runs = [(requested, True)] + ([(ancestors, False)] if ancestors else [])
         # Into an empty place there is nothing to compare: the sender's checksums would only double the reads.
         present = any(os.path.lexists(to + p) for p in requested)
-        for listed, recursive in runs:
+
+        def copy(listed: list[bytes], recursive: bool, force: bool = False) -> rsync.Result:
             argv = restore_command(
                 t.rsync_target(source), os.fsdecode(to) or "/", recursive=recursive,
-                transport_args=t.rsync_args(), dry_run=dry_run, checksum=recursive and present,
+                transport_args=t.rsync_args(), dry_run=dry_run, checksum=recursive and present, force=force,
             )
-            result = rsync.transfer(
+            return rsync.transfer(
                 argv, [p.lstrip(b"/") or b"." for p in listed], env=t.env(),
                 secrets=[dest.password] if dest.password else [], dry_run=dry_run,
             )
+
+        for listed, recursive in runs:
+            result = copy(listed, recursive)
+            if dry_run and deleted:
+                result = _made_way(result, to, deleted, copy)
             if dry_run:
                 sys.stdout.buffer.write(result.output.rstrip(b"\n") + b"\n" if result.output.strip() else b"")
             if result.returncode not in (0, rsync.VANISHED, rsync.PARTIAL):
@@ -306,11 +318,12 @@ def _lstat_mode(path: bytes) -> int:
         return 0
 
 
-def _delete(to: bytes, paths: list[bytes], dry_run: bool) -> list[str]:
+def _delete(to: bytes, paths: list[bytes], dry_run: bool) -> tuple[set[bytes], list[str]]:
     """Delete ``paths`` under ``to``, deepest first; a directory only once
     nothing is left in it (what the backup leaves out stays, and so does
     the directory holding it).  A dry run prints what would go, as rsync's
-    ``--itemize-changes`` does.  Returns what could not be deleted, and why."""
+    ``--itemize-changes`` does.  Returns what is (or would be) deleted, and
+    what could not be, and why."""
     gone: set[bytes] = set()
     failed = []
     for path in sorted(paths, reverse=True):
@@ -335,7 +348,53 @@ def _delete(to: bytes, paths: list[bytes], dry_run: bool) -> list[str]:
             sys.stdout.buffer.write(b"*deleting   " + rsync.printed_name(path.lstrip(b"/")) + b"\n")
     if not dry_run and gone:
         logger.info("deleted %d paths that the generation does not hold", len(gone))
-    return failed
+    return gone, failed
+
+
+# rsync's dry run finding a directory in the way of a file from the generation
+_IN_THE_WAY = re.compile(r"(?:cannot delete non-empty directory|could not make way for new [a-z ]+): (.+)$")
+
+
+def _made_way(result: rsync.Result, to: bytes, deleted: set[bytes], preview) -> rsync.Result:
+    """``result`` of a restore's dry run, as if ``--delete`` had removed ``deleted`` first.
+
+    Where the generation holds a file (or symlink) and the target now has a
+    directory of files created since, the real run deletes those files and
+    rsync replaces the empty directory.  A dry run deletes nothing, so
+    rsync finds the directory full and fails on it (exit 23).  Such paths
+    are previewed once more with ``--force``, and their lines replace
+    rsync's complaints.
+    """
+    emptied = {}
+    for path in {posixpath.dirname(p) for p in deleted}:
+        try:
+            names = os.listdir(to + path)
+        except OSError:
+            continue
+        if all(posixpath.join(path, name) in deleted for name in names):
+            emptied[rsync.printed_name(path.lstrip(b"/"))] = path
+    in_the_way, errors = {}, []
+    for line in result.errors:
+        match = _IN_THE_WAY.match(line)
+        name = match.group(1).encode() if match else None
+        if name in emptied:
+            in_the_way[name] = emptied[name]
+        else:
+            errors.append(line)
+    if not in_the_way:
+        return result
+    again = preview(sorted(in_the_way.values()), False, force=True)
+    names = tuple(in_the_way)
+    arrows = tuple(name + b" -> " for name in names)
+    lines = [line for line in again.output.splitlines() if line[12:] in names or line[12:].startswith(arrows)]
+    errors += again.errors
+    if result.returncode == rsync.PARTIAL and all(line.startswith(rsync.PARTIAL_SUMMARY) for line in errors):
+        result.returncode, errors = again.returncode, []
+    result.errors = errors
+    said = [line for line in result.output.splitlines()  # "cannot delete ..." goes to stdout
+            if not ((match := _IN_THE_WAY.match(line.decode("ascii", "replace"))) and match.group(1).encode() in names)]
+    result.output = b"".join(line + b"\n" for line in said + lines)
+    return result
 
 
 # -- packages --------------------------------------------------------------------

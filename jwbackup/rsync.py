@@ -41,7 +41,7 @@ _DRY_RUN_NOISE = re.compile(
     r"rsync: \[generator\] gen_entry_copy_xattrs: (openat\(.*\)|secure open of .*) "
     r"failed: No such file or directory \(2\)$"
 )
-_PARTIAL_SUMMARY = "rsync error: some files/attrs were not transferred"
+PARTIAL_SUMMARY = "rsync error: some files/attrs were not transferred"
 
 
 @dataclass
@@ -322,7 +322,7 @@ def transfer(
     if collector.dropped:
         collector.lines.append(f"... and {collector.dropped} more lines")
     logger.debug("rsync exited %d after %d paths", returncode, feeder.count)
-    only_summary_left = all(line.startswith(_PARTIAL_SUMMARY) for line in collector.lines)
+    only_summary_left = all(line.startswith(PARTIAL_SUMMARY) for line in collector.lines)
     if collector.ignored and returncode == PARTIAL and only_summary_left:
         logger.debug("rsync's %d complaints of its dry run about directories it did not create are left out",
                      collector.ignored)

@@ -282,6 +282,24 @@ def test_a_dry_run_of_delete_prints_odd_names_as_rsync_does(jwbackup, system, tm
     assert len(ours) == len(names) + 1 and b"*deleting   home/alice/created/new\\#012line" in ours
 
 
+def test_a_dry_run_of_delete_previews_a_file_that_became_a_directory_as_the_real_run_goes(jwbackup, system):
+    system.configure()
+    backup(jwbackup, system)
+    notes = system.path(b"/home/alice/project/notes.txt")
+    os.unlink(notes)
+    system.write(b"/home/alice/project/notes.txt/draft", b"delete me\n")  # a directory of new files now
+    result = run(jwbackup, system, "restore", "-n", "--delete", "/home/alice/project")
+    assert (result.returncode, result.stderr.decode()) == (0, "")
+    lines = result.stdout.splitlines()
+    assert b"*deleting   home/alice/project/notes.txt/draft" in lines
+    assert b">f+++++++++ home/alice/project/notes.txt" in lines and not [line for line in lines if b"cannot" in line]
+    assert os.path.isdir(notes)  # a dry run
+    result = run(jwbackup, system, "restore", "--delete", "/home/alice/project")
+    assert (result.returncode, result.stderr.decode()) == (0, "")
+    with open(notes, "rb") as f:
+        assert f.read() == b"remember the milk\n"
+
+
 def test_delete_never_goes_outside_the_configured_roots(jwbackup, system):
     system.configure(roots=("/home", "/etc"))
     generation = backup(jwbackup, system)
