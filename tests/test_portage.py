@@ -289,6 +289,16 @@ def test_missing_vdb_is_a_manifest_error(tmp_path):
     assert not (tmp_path / "var").exists()
 
 
+@pytest.mark.parametrize("name", ["etc/portage/make.conf", "etc/portage/make.conf/50-flags", "etc/make.conf"])
+def test_a_make_conf_portage_cannot_parse_is_named_in_the_error(gentoo, name):
+    path = gentoo.path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('COMMON_FLAGS="-O2 -pipe\nUSE="X"\nFEATURES=""\n')  # the first quote is never closed
+    with pytest.raises(ManifestError) as caught:
+        Portage().manifest(str(gentoo.path))
+    assert str(caught.value) == f"{path}: portage cannot parse it: No closing quotation"
+
+
 def test_python_without_portage_gets_a_clear_error(gentoo):
     python = "/usr/bin/python3"
     probe = subprocess.run([python, "-c", "import portage"], capture_output=True)

@@ -170,6 +170,9 @@ class Portage:
                 settings = _settings(portage, root, self.eprefix)
                 tree = portage.dbapi.vartree.vartree(settings=settings)
         except Exception as exc:  # portage raises many kinds on a broken configuration
+            culprit = _unparsable_make_conf(portage, _config_root(root, self.eprefix))
+            if culprit is not None and culprit[0] not in str(exc):  # shlex's errors name no file
+                raise ManifestError(f"{culprit[0]}: portage cannot parse it: {culprit[1]}") from exc
             raise ManifestError(f"portage cannot read the configuration under {root}: {exc}") from exc
         for message in messages:
             logger.debug("portage: %s", message)
@@ -188,13 +191,33 @@ def _settings(portage, root: str, eprefix: str):
     a Gentoo system with root "/" this is the configuration emerge uses, minus
     ebuild repositories.
     """
-    config_root = os.path.join(root, eprefix.lstrip("/")) if eprefix else root
     return portage.config(
-        config_root=config_root,
+        config_root=_config_root(root, eprefix),
         target_root=root,
         eprefix=eprefix,
         env={"PORTAGE_REPOSITORIES": NO_REPOSITORIES},
     )
+
+
+def _config_root(root: str, eprefix: str) -> str:
+    return os.path.join(root, eprefix.lstrip("/")) if eprefix else root
+
+
+def _unparsable_make_conf(portage, config_root: str) -> tuple[str, Exception] | None:
+    """(file, error) for the first make.conf file (or file in a make.conf
+    directory) that portage cannot parse; None when every one parses."""
+    for name in ("etc/make.conf", "etc/portage/make.conf"):
+        path = os.path.join(config_root, name)
+        files = [path]
+        if os.path.isdir(path):  # read as portage reads it: no hidden or backup files
+            files = sorted(os.path.join(top, f) for top, _, names in os.walk(path)
+                           for f in names if not f.startswith(".") and not f.endswith("~"))
+        for file in files:
+            try:
+                portage.util.getconfig(file, allow_sourcing=True, expand={})
+            except Exception as exc:
+                return file, exc
+    return None
 
 
 def _add_contents(manifest, cpv, contents, root_len, protect, canonical, contents_file) -> None:
