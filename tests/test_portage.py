@@ -152,6 +152,21 @@ def test_config_protect_from_profile_env_is_honoured(tmp_path):
     assert not manifest.get(b"/usr/share/doc/k").conffile
 
 
+@pytest.mark.parametrize("link", ["/var/db/repos/gentoo/profiles/default",  # as older installs made it
+                                  "../../var/db/repos/gentoo/profiles/default"])
+def test_config_protect_from_the_profile_is_read_inside_the_root(tmp_path, link):
+    root = GentooRoot(tmp_path)
+    root.package("kde-frameworks/kconfig-6.0", files={b"/usr/share/config/kdeglobals": b"[General]\n"})
+    root.write()
+    profile = root.path / "var/db/repos/gentoo/profiles/default"
+    profile.mkdir(parents=True)
+    (profile / "make.defaults").write_text('CONFIG_PROTECT="/usr/share/config"\n')
+    (root.path / "etc/portage").mkdir(parents=True, exist_ok=True)
+    os.symlink(link, root.path / "etc/portage/make.profile")  # an absolute target is the root's, not this host's
+    assert not os.path.exists(f"/{link}"), "this host has that profile itself"
+    assert Portage().manifest(str(root.path)).get(b"/usr/share/config/kdeglobals").conffile
+
+
 def test_symlink_name_containing_arrow_is_parsed_by_portage(gentoo):
     contents = gentoo.contents_file("app-misc/foo-1.0").read_bytes()
     assert b"sym /usr/bin/foo -> alias -> foo " in contents

@@ -28,6 +28,7 @@ from jwbackup.paths import Canonicalizer
 logger = logging.getLogger(__name__)
 
 VDB_PATH = "var/db/pkg"
+PROFILE_LINK = "etc/portage/make.profile"
 WORLD_FILE = "var/lib/portage/world"
 WORLD_SETS_FILE = "var/lib/portage/world_sets"
 USER_SETS_DIR = "etc/portage/sets"
@@ -193,10 +194,29 @@ def _settings(portage, root: str, eprefix: str):
     """
     return portage.config(
         config_root=_config_root(root, eprefix),
+        config_profile_path=_profile(root, eprefix),
         target_root=root,
         eprefix=eprefix,
         env={"PORTAGE_REPOSITORIES": NO_REPOSITORIES},
     )
+
+
+def _profile(root: str, eprefix: str) -> str | None:
+    """The profile directory of the system under ``root``, its symlinks
+    resolved within ``root``; None (portage's own search) for ``/``.
+
+    portage resolves ``make.profile`` on the host: an absolute link, as
+    older installs made it, would name this machine's profile, or none.
+    """
+    if os.path.realpath(root) == "/":
+        return None
+    canonical = Canonicalizer(root)
+    for link in (PROFILE_LINK, "etc/make.profile"):  # portage's order
+        profile = canonical.directory(os.fsencode(posixpath.join("/", eprefix.lstrip("/"), link)))
+        path = os.path.join(root, os.fsdecode(profile).lstrip("/"))
+        if os.path.isdir(path):
+            return path
+    return ""  # no profile: portage's own search would look on the host
 
 
 def _config_root(root: str, eprefix: str) -> str:
