@@ -238,7 +238,7 @@ class Selector:
         if _owned_dir(self.manifest.record(top)):
             if directories:
                 pending.append(top)
-        elif directories or not listing:
+        elif directories or not (listing or top in self._swap):
             stats.selected += 1
             yield top
         base = join(top, b"")
@@ -260,8 +260,8 @@ class Selector:
                             if directories:
                                 pending.append(path)
                             break
-                        if not directories and listing:
-                            break
+                        if not directories and (listing or path in self._swap):
+                            break  # listed, it would bring what is below it along: a swap file too
                         down = True
                     else:
                         entries += 1

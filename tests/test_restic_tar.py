@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from backupenv import System
 from conftest import JWBACKUP
 from test_borg import OWNED, PRUNED, SKIPPED, backed_up_system, non_directories
 
@@ -66,6 +67,23 @@ def test_restic_files_from_raw_holds_exactly_the_generation(system, tmp_path, re
     jwbackup_to(["-c", cfg, "--root", root, "files", "-0", "--no-dirs"],
                 ["restic", "backup", "--files-from-raw", "-"], tmp_path, env)
     assert non_directories(restored() + root) == expected
+
+
+@needs_restic
+def test_restic_files_from_raw_leaves_out_a_swap_file_alone_in_its_directory(tmp_path, restic):
+    system = System(tmp_path)  # /swap/swapfile is how btrfs wants one: in a directory of its own
+    system.write(b"/etc/fstab", b"/swap/swapfile none swap sw 0 0\n")
+    system.write(b"/swap/swapfile", b"pages of memory" * 100)
+    system.configure()
+    root = os.fsencode(system.root_dir)
+    listed = subprocess.run([JWBACKUP, "-l", "-", "-c", system.config, "--root", root, "files", "-0", "--no-dirs"],
+                            capture_output=True, check=True).stdout.split(b"\0")
+    assert root + b"/etc/fstab" in listed and not [p for p in listed if p.startswith(root + b"/swap")]
+    env, restored = restic
+    jwbackup_to(["-c", system.config, "--root", root, "files", "-0", "--no-dirs"],
+                ["restic", "backup", "--files-from-raw", "-"], tmp_path, env)
+    target = restored() + root
+    assert os.path.isfile(target + b"/etc/fstab") and not os.path.lexists(target + b"/swap/swapfile")
 
 
 @needs_restic
