@@ -153,7 +153,11 @@ class Output:
 
 def files(cfg: Config, root: str, null: bool = False, no_dirs: bool = False, write_state: bool = True) -> int:
     """Print the paths a backup holds; 1 when the list lacks some (an unreadable
-    directory, a name with a newline without ``-0``), so that a pipeline stops."""
+    directory, a name with a newline without ``-0``), so that a pipeline stops.
+
+    The root itself is not printed: rsync's ``--files-from`` takes a listed
+    ``/`` (or ``ROOT/``) for everything directly in it, a swap file too.
+    """
     manifest = load_manifest(cfg, root, write_state)
     selector = make_selector(cfg, root, manifest)
     prefix = os.fsencode(root).rstrip(b"/")
@@ -162,6 +166,8 @@ def files(cfg: Config, root: str, null: bool = False, no_dirs: bool = False, wri
     skipped = 0
     with Output() as out:
         for path in paths:
+            if path == b"/":
+                continue
             if not null and b"\n" in path:
                 skipped += 1
                 continue

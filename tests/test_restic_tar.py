@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -84,6 +85,21 @@ def test_restic_files_from_raw_leaves_out_a_swap_file_alone_in_its_directory(tmp
                 ["restic", "backup", "--files-from-raw", "-"], tmp_path, env)
     target = restored() + root
     assert os.path.isfile(target + b"/etc/fstab") and not os.path.lexists(target + b"/swap/swapfile")
+
+
+def test_rsync_files_from_copies_exactly_the_listed_files_and_no_swap_file(tmp_path):
+    system = System(tmp_path)
+    system.write(b"/etc/fstab", b"/swapfile none swap sw 0 0\n")
+    system.write(b"/swapfile", b"pages of memory" * 100)  # right in /, where Debian's installer puts it
+    system.configure()
+    root = os.fsencode(system.root_dir)
+    listed = subprocess.run([JWBACKUP, "-l", "-", "-c", system.config, "--root", root, "files", "-0"],
+                            capture_output=True, check=True).stdout
+    copy = tmp_path / "copy"
+    subprocess.run(["rsync", "-aHAX", "--files-from=-", "--from0", "/", copy], input=listed, check=True)
+    copied = non_directories(os.fsencode(copy) + root)
+    assert copied == {p[len(root):] for p in listed.split(b"\0") if p and not stat.S_ISDIR(os.lstat(p).st_mode)}
+    assert b"/etc/fstab" in copied and b"/swapfile" not in copied
 
 
 @needs_restic
