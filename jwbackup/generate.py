@@ -91,9 +91,13 @@ def make_selector(cfg: Config, root: str, manifest: Manifest, alongside: bool = 
 def _excluded_directories(cfg: Config, root: str) -> list[bytes]:
     """The pruned directories that can be excluded whole: not those holding a
     root (``/var/cache`` under ``root: /var/cache/keep``), which a tool would
-    then not enter; their other content is backed up, in excess."""
+    then not enter; their other content is backed up, in excess.  Nor a
+    symlink of a pruned name (``/var/run -> /run``): the walk prunes only
+    directories, and keeps the link."""
     roots = [os.fsencode(r) for r in cfg.roots]
-    return [p for p in pruned(cfg, root) if not any(r.startswith(p.rstrip(b"/") + b"/") for r in roots)]
+    prefix = os.fsencode(root).rstrip(b"/")
+    return [p for p in pruned(cfg, root)
+            if not any(r.startswith(p.rstrip(b"/") + b"/") for r in roots) and not os.path.islink(prefix + p)]
 
 
 class Output:

@@ -77,6 +77,19 @@ def test_rsync_rules_exclude_exactly_the_installed_unmodified_files(jwbackup, ro
     assert tree(root.root) - installed == copied
 
 
+def test_a_pruned_name_that_is_a_symlink_is_kept_as_the_walk_keeps_it(jwbackup, root, tmp_path):
+    os.makedirs(root.path(b"/run/lock"))
+    os.makedirs(root.path(b"/tmp/scratch"))
+    os.symlink(b"/run", root.path(b"/var/run"))  # as on every Debian; /var/run is in the default prune list
+    rules = excludes(jwbackup, root, tmp_path, "rsync")
+    subprocess.run(["rsync", "-a", f"--exclude-from={rules}", root.root + b"/", tmp_path / "copy"], check=True)
+    copy = os.fsencode(tmp_path / "copy")
+    assert os.readlink(copy + b"/var/run") == b"/run"
+    assert not os.path.lexists(copy + b"/tmp/scratch") and not os.path.lexists(copy + b"/run/lock")
+    listed = jwbackup("-c", config(tmp_path), "--root", root.root, "files")
+    assert root.path(b"/var/run") in listed.stdout.split(b"\n")
+
+
 def test_a_conffile_the_admin_changed_is_not_excluded(jwbackup, root, tmp_path):
     rules = excludes(jwbackup, root, tmp_path, "plain").read_bytes().split(b"\n")
     assert root.path(b"/etc/hard.conf") in rules
